@@ -1,0 +1,42 @@
+# paralab — `make help` lists the targets.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+SWEEP   ?= $(lastword $(sort $(wildcard outputs/sweeps/*)))
+ARGS    ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-full sweep compare parity bench tensorboard lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install paralab with its dev tools
+
+run: $(STAMP) ## run the default experiment (DDP, 2 ranks via torchrun, MLP on synthetic data); ARGS=overrides
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP) ## run the test suite (real processes, gloo, tiny models; < 10 min)
+	$(PY) -m pytest -q -m "not full" $(ARGS)
+
+test-full: $(STAMP) ## run every test, including the 8-process and slow cases
+	$(PY) -m pytest -q $(ARGS)
+
+sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
+	$(PY) train.py -m strategy=single,ddp launcher.nproc_per_node=1,2 $(ARGS)
+
+tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/
+	$(PY) -m tensorboard.main --logdir outputs --bind_all
+
+lint: $(STAMP) ## ruff: lint and format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,57 @@
+"""Datasets by name, their DataSpec, and per-data-parallel-rank loaders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from data.sampler import ShardedBatchSampler
+from data.spec import DataSpec
+from experiments.config import ConfigError, DatasetConfig
+
+DATASETS = ("synthetic", "tokens", "mnist", "cifar10", "fake_images")
+
+
+def dataset_spec(cfg: DatasetConfig) -> DataSpec:
+    """The shapes a dataset yields, known without loading it (used to validate before launch)."""
+    if cfg.name not in DATASETS:
+        raise ConfigError(f"unknown dataset '{cfg.name}'; choose one of: {', '.join(DATASETS)}")
+    if cfg.name == "tokens":
+        from data.tokens import BYTE_VOCAB
+
+        vocab = BYTE_VOCAB if cfg.text_file else cfg.vocab_size
+        return DataSpec("lm", (cfg.seq_len,), vocab_size=vocab, seq_len=cfg.seq_len)
+    return DataSpec("classify", tuple(cfg.input_shape), num_classes=cfg.num_classes)
+
+
+def check_dataset(cfg: DatasetConfig) -> None:
+    dataset_spec(cfg)
+    if cfg.name == "tokens" and cfg.text_file and not Path(cfg.text_file).expanduser().is_file():
+        raise ConfigError(f"dataset.text_file={cfg.text_file} not found; give the path of a local text file")
+    from data.vision import check_files
+
+    check_files(cfg)
+
+
+def build_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
+    if cfg.name == "synthetic":
+        from data.synthetic import teacher_dataset
+
+        return teacher_dataset(cfg.num_samples, tuple(cfg.input_shape), cfg.num_classes, seed)
+    if cfg.name == "tokens":
+        from data.tokens import TokenWindows, markov_stream, text_stream
+
+        if cfg.text_file:
+            stream = text_stream(Path(cfg.text_file).expanduser())
+        else:
+            stream = markov_stream(cfg.num_samples * cfg.seq_len + 1, cfg.vocab_size, seed)
+        return TokenWindows(stream, cfg.seq_len)
+    from data.vision import vision_dataset
+
+    return vision_dataset(cfg, seed)
+
+
+def make_loader(dataset: Dataset, cfg: DatasetConfig, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int) -> DataLoader:
+    sampler = ShardedBatchSampler(len(dataset), global_micro_batch, dp_rank, dp_size, seed, cfg.shuffle)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)

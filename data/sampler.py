@@ -1,0 +1,34 @@
+"""Global batches in one order for every world size; each data-parallel rank takes its slice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Yields this rank's indices of each global micro-batch, forever (epoch after epoch).
+
+    The permutation depends only on the seed and epoch, and rank r takes the r-th contiguous slice,
+    so the union over ranks of one step is exactly the batch a single process would see.
+    """
+
+    def __init__(self, n: int, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool) -> None:
+        if n < global_micro_batch:
+            raise ValueError(f"dataset has {n} samples, fewer than one batch of {global_micro_batch}")
+        self.n, self.batch, self.seed, self.shuffle = n, global_micro_batch, seed, shuffle
+        self.local = global_micro_batch // dp_size
+        self.offset = dp_rank * self.local
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = 0
+        while True:
+            if self.shuffle:
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            else:
+                order = torch.arange(self.n)
+            for start in range(0, self.n - self.batch + 1, self.batch):
+                yield order[start + self.offset : start + self.offset + self.local].tolist()
+            epoch += 1

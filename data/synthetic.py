@@ -1,0 +1,18 @@
+"""Deterministic, learnable classification data: Gaussian inputs labelled by a fixed random teacher."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import TensorDataset
+
+
+def teacher_dataset(num_samples: int, input_shape: tuple[int, ...], num_classes: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, *input_shape, generator=g)
+    dim = math.prod(input_shape)
+    w1 = torch.randn(dim, 64, generator=g) / math.sqrt(dim)
+    w2 = torch.randn(64, num_classes, generator=g) / 8.0
+    y = (torch.tanh(x.reshape(num_samples, dim) @ w1) @ w2).argmax(dim=1)
+    return TensorDataset(x, y)

@@ -1,0 +1,42 @@
+"""Token streams for language models: a synthetic Markov stream, or the bytes of a local text file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+BYTE_VOCAB = 256
+
+
+def markov_stream(length: int, vocab_size: int, seed: int) -> Tensor:
+    """Each token has two likely successors (90/10), so next-token loss can fall well below log(V)."""
+    g = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, vocab_size, (vocab_size, 2), generator=g)
+    picks = (torch.rand(length, generator=g) < 0.1).long()
+    stream = torch.empty(length, dtype=torch.long)
+    stream[0] = 0
+    for i in range(1, length):
+        stream[i] = successors[stream[i - 1], picks[i]]
+    return stream
+
+
+def text_stream(path: Path) -> Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of `seq_len` tokens, targets shifted by one."""
+
+    def __init__(self, stream: Tensor, seq_len: int) -> None:
+        self.stream, self.seq_len = stream, seq_len
+        self.n = (len(stream) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        s = i * self.seq_len
+        return self.stream[s : s + self.seq_len], self.stream[s + 1 : s + self.seq_len + 1]

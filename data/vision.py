@@ -1,0 +1,53 @@
+"""torchvision datasets read from a local root, with a clear error when the files are not there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from torchvision import datasets, transforms
+
+from experiments.config import ConfigError, DatasetConfig
+
+# Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
+EXPECTED = {
+    "mnist": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
+    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/batches.meta"],
+}
+NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+
+
+class _UncheckedCIFAR10(datasets.CIFAR10):
+    # md5=None makes torchvision's check_integrity test existence only (for small test files).
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+
+
+def check_files(cfg: DatasetConfig) -> None:
+    if cfg.name not in EXPECTED or cfg.download:
+        return
+    root = Path(cfg.root).expanduser().resolve()
+    missing = [f for f in EXPECTED[cfg.name] if not (root / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"dataset={cfg.name}: {root / missing[0]} not found; put the {cfg.name} files under "
+            f"dataset.root={cfg.root} or run once with dataset.download=true"
+        )
+
+
+def vision_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
+    if cfg.name == "fake_images":
+        return datasets.FakeData(
+            size=cfg.num_samples,
+            image_size=tuple(cfg.input_shape),
+            num_classes=cfg.num_classes,
+            transform=transforms.ToTensor(),
+            random_offset=seed,
+        )
+    mean, std = NORMALIZE[cfg.name]
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    root = str(Path(cfg.root).expanduser())
+    if cfg.name == "mnist":
+        return datasets.MNIST(root, train=True, download=cfg.download, transform=tf)
+    cls = datasets.CIFAR10 if cfg.verify_checksums else _UncheckedCIFAR10
+    return cls(root, train=True, download=cfg.download, transform=tf)

@@ -1,0 +1,137 @@
+"""Structured config schema: every key a user can set, with its type and default.
+
+The dataclasses are registered in Hydra's ConfigStore, so an unknown or mistyped key fails at
+compose time. Workers rebuild the same typed object from the job dir's frozen config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+FROZEN_CONFIG = "config.resolved.yaml"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch_size: int = 64
+    grad_accum_steps: int = 1
+    lr: float = 0.1
+    lr_schedule: str = "constant"  # constant | cosine
+    warmup_steps: int = 0
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    deterministic: bool = True
+    # Save the final model and optimizer with torch.distributed.checkpoint (sharded, reshardable).
+    save_checkpoint: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    # Degrees for tensor and pipeline parallelism; the data-parallel degree is what is left of the world.
+    tp: int = 1
+    pp: int = 1
+    # DDP knobs (ddp, zero1, ddp_pp).
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    # FSDP2: True reshards parameters after forward (ZeRO-3), False keeps them (ZeRO-2).
+    reshard_after_forward: bool = True
+    # FSDP2 MixedPrecisionPolicy: param dtype for compute and grad-reduce dtype (fp32 | bf16).
+    mp_param_dtype: str = "fp32"
+    mp_reduce_dtype: str = "fp32"
+    # Tensor parallel: shard norms/dropout along the sequence between the TP regions.
+    sequence_parallel: bool = False
+    # Pipeline: schedule name and microbatches per local batch; stages per rank for interleaved ones.
+    schedule: str = "gpipe"
+    microbatches: int = 4
+    stages_per_rank: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # mlp | cnn | resnet18 | transformer
+    hidden: int = 64
+    layers: int = 4
+    ffn_mult: int = 4
+    heads: int = 4
+    channels: int = 16
+    max_seq_len: int = 256
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # synthetic | tokens | mnist | cifar10 | fake_images
+    root: str = "data_root"
+    download: bool = False
+    # torchvision checks CIFAR files against published MD5s; tiny test files cannot match them.
+    verify_checksums: bool = True
+    num_samples: int = 4096
+    input_shape: list[int] = field(default_factory=lambda: [32])
+    num_classes: int = 10
+    vocab_size: int = 64
+    seq_len: int = 32
+    text_file: str = ""
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    name: str = MISSING  # local | spawn | torchrun | slurm
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    # host:port of the c10d rendezvous; empty picks a free loopback port (single node).
+    rdzv_endpoint: str = ""
+    rdzv_backend: str = "c10d"  # c10d | static
+    rdzv_id: str = ""
+    max_restarts: int = 0
+    # Intra-op threads per rank; 0 divides the machine's cores evenly among the local ranks.
+    threads_per_rank: int = 0
+    # SLURM
+    partition: str = ""
+    time_min: int = 30
+    gpus_per_node: int = 0
+    submit: bool = True
+
+
+@dataclass
+class Config:
+    strategy: StrategyConfig = MISSING
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    # One schema for the whole tree: each group's yaml is merged into its typed field.
+    ConfigStore.instance().store(name="paralab_schema", node=Config)
+
+
+def save_frozen(cfg: DictConfig, job_dir: Path) -> Path:
+    """Write the fully resolved config that workers load instead of running Hydra."""
+    path = job_dir / FROZEN_CONFIG
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    OmegaConf.save(OmegaConf.create(plain), path)
+    return path
+
+
+def load_frozen(job_dir: Path) -> Config:
+    loaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_dir / FROZEN_CONFIG))
+    return OmegaConf.to_object(loaded)  # type: ignore[return-value]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; its message is the one line the user sees."""

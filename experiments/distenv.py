@@ -1,0 +1,67 @@
+"""Where this process sits in the world, read from the launcher's environment (never from argv)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from experiments.config import Config
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if name in os.environ:
+            return int(os.environ[name])
+    return default
+
+
+def rank_env() -> RankEnv:
+    # torchrun/spawn set RANK & co.; under `srun` only the SLURM_* variables exist.
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    return RankEnv(
+        rank=_env_int("RANK", "SLURM_PROCID", default=0),
+        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        world_size=world,
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world),
+    )
+
+
+def select_device(cfg: Config, env: RankEnv) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def set_threads(cfg: Config, env: RankEnv) -> None:
+    """Split the cores among local ranks so oversubscribed CPU runs do not thrash."""
+    n = cfg.launcher.threads_per_rank or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(n)
+
+
+def init_distributed(env: RankEnv, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # In-process single rank (launcher=local): no port, no env vars left behind for the next job.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    if "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set; start workers through a paralab launcher")
+    dist.init_process_group(
+        backend,
+        rank=env.rank,
+        world_size=env.world_size,
+        device_id=device if device.type == "cuda" else None,
+    )

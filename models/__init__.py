@@ -1,0 +1,44 @@
+"""Models by name. Every model is a StagedModel (stem → blocks → head)."""
+
+from __future__ import annotations
+
+from experiments.config import ConfigError, ModelConfig
+from models.staged import StagedModel
+
+from data.spec import DataSpec
+
+MODELS = ("mlp", "cnn", "resnet18", "transformer")
+IMAGE_MODELS = ("cnn", "resnet18")
+
+
+def check_model_fits_data(cfg: ModelConfig, spec: DataSpec) -> None:
+    if cfg.name not in MODELS:
+        raise ConfigError(f"unknown model '{cfg.name}'; choose one of: {', '.join(MODELS)}")
+    if cfg.name == "transformer" and spec.task != "lm":
+        raise ConfigError("model=transformer needs a token dataset; use dataset=tokens")
+    if cfg.name != "transformer" and spec.task == "lm":
+        raise ConfigError(f"model={cfg.name} classifies; for dataset=tokens use model=transformer")
+    if cfg.name in IMAGE_MODELS and len(spec.input_shape) != 3:
+        raise ConfigError(
+            f"model={cfg.name} needs images (C, H, W) but the dataset gives shape {list(spec.input_shape)}; "
+            "use dataset=mnist|cifar10|fake_images or dataset.input_shape=[3,32,32]"
+        )
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> StagedModel:
+    check_model_fits_data(cfg, spec)
+    if cfg.name == "mlp":
+        from models.mlp import MLP
+
+        return MLP(spec.input_shape, cfg.hidden, cfg.layers, cfg.ffn_mult, spec.num_classes)
+    if cfg.name == "cnn":
+        from models.cnn import CNN
+
+        return CNN(spec.input_shape[0], cfg.channels, cfg.layers, spec.num_classes)
+    if cfg.name == "resnet18":
+        from models.resnet import ResNet
+
+        return ResNet(spec.num_classes, spec.input_shape[0])
+    from models.transformer import Transformer
+
+    return Transformer(spec.vocab_size, spec.seq_len, cfg)

@@ -1,0 +1,75 @@
+"""What a strategy hands the training loop, so the loop never needs to know which one it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from experiments.config import Config
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# (inputs, targets, loss scale, sync gradients this micro-step?) -> this rank's mean loss, or None
+ForwardBackward = Callable[[Tensor, Tensor, float, bool], Tensor | None]
+
+
+@dataclass
+class StrategyContext:
+    cfg: Config
+    device: torch.device
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+    def autocast(self) -> AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def _plain_optimizer(model: nn.Module, factory: OptimizerFactory) -> torch.optim.Optimizer:
+    return factory(model.parameters())
+
+
+@dataclass
+class Parallelized:
+    # The unwrapped module(s) holding this rank's parameters: for state dicts and the optimizer.
+    model: nn.Module
+    forward_backward: ForwardBackward
+    make_optimizer: Callable[[nn.Module, OptimizerFactory], torch.optim.Optimizer] = _plain_optimizer
+    # Pipeline ranks that do not run the last stage never see a loss.
+    holds_loss: bool = True
+    # Parameters split across the pipeline: grad norms must be summed over this group.
+    pp_group: torch.distributed.ProcessGroup | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def module_forward_backward(
+    module: nn.Module,
+    ctx: StrategyContext,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+) -> ForwardBackward:
+    """Forward, loss, backward for strategies whose module is called like the original model.
+
+    `no_sync` wraps forward and backward of micro-steps that only accumulate gradients locally.
+    """
+
+    def forward_backward(x: Tensor, y: Tensor, scale: float, sync: bool) -> Tensor:
+        with nullcontext() if sync or no_sync is None else no_sync():
+            with ctx.autocast():
+                loss = ctx.loss_fn(module(x), y)
+            (loss * scale).backward()
+        return loss.detach()
+
+    return forward_backward
+
+
+@contextmanager
+def fsdp_no_sync(module: nn.Module) -> Iterator[None]:
+    """FSDP2's counterpart of DDP.no_sync: skip the reduce-scatter while accumulating."""
+    module.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)  # type: ignore[operator]

@@ -1,0 +1,56 @@
+"""Run paralab the way a user does: `python train.py ...` in a subprocess, then read its job dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Small enough that a 4-rank job on 2 cores finishes in seconds.
+TINY = [
+    "train.steps=6",
+    "train.global_batch_size=16",
+    "train.log_every=2",
+    "model.hidden=16",
+    "model.layers=2",
+    "dataset.num_samples=256",
+    "dataset.input_shape=[8]",
+]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Nothing from a surrounding torchrun may leak into a test's fresh world.
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HYDRA_FULL_ERROR"] = "0"
+    return env
+
+
+def run(args: list[str], cwd: Path = REPO, timeout: int = 240, module: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *(module or []), str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train(job_dir: Path, *overrides: str, tiny: bool = True) -> dict:
+    """Run one job into `job_dir`; fail with its output if it fails; return its metrics.json."""
+    proc = run([*(TINY if tiny else []), *overrides, f"hydra.run.dir={job_dir}"])
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((job_dir / "metrics.json").read_text())
+
+
+def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def max_rel_dev(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))

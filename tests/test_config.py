@@ -1,0 +1,75 @@
+"""Composition through Hydra's compose API, and the rules checked before any process starts."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from experiments.config import Config, ConfigError, register_configs
+from experiments.validate import validate
+from tests.helpers import REPO, run
+
+register_configs()
+
+
+def cfg_of(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))  # type: ignore[return-value]
+
+
+def test_default_composes_to_ddp_on_two_torchrun_ranks():
+    cfg = cfg_of()
+    assert (cfg.strategy.name, cfg.model.name, cfg.dataset.name, cfg.launcher.name) == ("ddp", "mlp", "synthetic", "torchrun")
+    assert cfg.launcher.nproc_per_node == 2
+    assert validate(cfg).dp_replicate == 2
+
+
+@pytest.mark.parametrize("override", ["train.stepz=3", "launcher.nproc=2", "strategy.bucket_cap=1"])
+def test_unknown_key_fails_at_compose(override):
+    with pytest.raises(ConfigCompositionException):
+        cfg_of(override)
+
+
+def test_wrong_type_fails_at_compose():
+    with pytest.raises(ConfigCompositionException):
+        cfg_of("train.steps=many")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy=single"], "runs in one process"),
+        (["launcher.nproc_per_node=0"], "must both be >= 1"),
+        (["train.global_batch_size=15"], "not divisible"),
+        (["train.global_batch_size=16", "train.grad_accum_steps=3"], "not divisible"),
+        (["train.optimizer=adam"], "train.optimizer=adam is not one of: sgd, adamw"),
+        (["launcher=local", "launcher.nproc_per_node=2"], "launcher=local runs one process"),
+        (["launcher=spawn", "launcher.nnodes=2"], "single-node"),
+        (["launcher.nnodes=2"], "rdzv_endpoint"),
+        (["dataset=mnist", "dataset.root=/nonexistent"], "/nonexistent/MNIST/raw/train-images-idx3-ubyte not found"),
+        (["model=cnn"], "needs images"),
+        (["strategy.name=nope"], "unknown strategy 'nope'"),
+    ],
+)
+def test_validation_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg_of(*overrides))
+
+
+def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    job = tmp_path / "job"
+    proc = run(["strategy=single", "launcher.nproc_per_node=2", f"hydra.run.dir={job}"], timeout=60)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["paralab: config error: strategy=single runs in one process, but the launcher starts 2; "
+                     "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"]
+    assert not job.exists(), "a rejected job leaves no directory"
+
+
+def test_rejected_job_keeps_what_was_already_in_its_dir(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run(["train.optimizer=adam", f"hydra.run.dir={tmp_path}"], timeout=60)
+    assert proc.returncode == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
