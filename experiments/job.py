@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -17,9 +18,34 @@ from experiments.validate import validate
 from parallel.launch import launch
 
 
-def subdir_name(override_dirname: str, job_num: int) -> str:
-    """hydra.sweep.subdir: the job's overrides, with '/' made safe so each job is one directory."""
-    return override_dirname.replace("/", "_") if override_dirname else f"job{job_num}"
+def swept_keys(argv: list[str], sweeper_params: Mapping[str, object] | None) -> list[str]:
+    """Keys this sweep varies: sweep overrides on the command line, then hydra.sweeper.params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    keys: list[str] = []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # noqa: BLE001 - Hydra reports bad overrides itself, with context
+            continue
+        if override.is_sweep_override():
+            keys.append(override.get_key_element().lstrip("+~"))
+    keys += [k for k in (sweeper_params or {}) if k not in keys]
+    return keys
+
+
+def subdir_name(task_overrides: Sequence[str], sweeper_params: Mapping[str, object] | None, job_num: int) -> str:
+    """hydra.sweep.subdir: the swept overrides of this job, in the user's order, '/' made safe.
+
+    "strategy=fsdp,launcher.nproc_per_node=4" reads better in TensorBoard than every fixed override.
+    """
+    by_key = {o.split("=", 1)[0].lstrip("+~"): o.lstrip("+~") for o in task_overrides}
+    keys = [k for k in swept_keys(sys.argv[1:], sweeper_params) if k in by_key] or list(by_key)
+    name = ",".join(by_key[k] for k in keys if k != "experiment") or f"job{job_num}"
+    return name.replace("/", "_")
 
 
 def _discard_if_fresh(job_dir: Path) -> None:
@@ -54,7 +80,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if external:
             worker.publish_job_dir(None)
         if multirun:
-            print(f"paralab: skipped job {hc.job.override_dirname}", file=sys.stderr)
+            print(f"paralab: skipped job {job_dir.name}", file=sys.stderr)
             return None
         sys.exit(2)
 

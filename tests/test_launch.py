@@ -1,0 +1,98 @@
+"""Real launchers, real processes: one job dir, per-rank TensorBoard, sweeps that never replay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import REPO, TINY, run, tb_scalars, train
+
+REQUIRED_SCALARS = {"loss/train", "lr", "perf/step_time_s", "perf/samples_per_s", "perf/data_time_s", "grad_norm"}
+
+
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_ddp_two_ranks_writes_one_complete_job_dir(tmp_path, launcher):
+    job = tmp_path / "job"
+    m = train(job, "strategy=ddp", f"launcher={launcher}", "launcher.nproc_per_node=2")
+    assert m["strategy"] == "ddp" and m["world_size"] == 2 and m["launcher"] == launcher
+    assert len(m["losses"]) == 6 and m["final_loss"] == m["losses"][-1]
+    assert m["samples_per_s"] > 0 and m["wall_s"] > 0
+    assert sorted(p.name for p in (job / "tb").iterdir()) == ["rank0", "rank1"]
+    for r in (0, 1):
+        scalars = tb_scalars(job / "tb" / f"rank{r}")
+        assert REQUIRED_SCALARS <= scalars.keys()
+        # Every rank logs the same global loss, and it is the one in metrics.json.
+        assert scalars["loss/train"] == pytest.approx(m["losses"], rel=1e-6)
+    log = (job / "train.log").read_text()
+    assert "[rank0]" in log and "[rank1]" in log
+    assert (job / ".hydra" / "config.yaml").is_file() and (job / "config.resolved.yaml").is_file()
+
+
+def test_default_experiment_learns(tmp_path):
+    m = train(tmp_path / "job", "train.steps=100", tiny=False)
+    assert m["strategy"] == "ddp" and m["world_size"] == 2 and m["launcher"] == "torchrun"
+    assert m["final_loss"] < 0.6 * m["losses"][0], "the default experiment should clearly learn"
+
+
+def test_local_launcher_runs_in_process(tmp_path):
+    m = train(tmp_path / "job", "strategy=single", "launcher=local")
+    assert m["world_size"] == 1 and len(m["losses"]) == 6
+
+
+def test_torchrun_started_by_hand_makes_exactly_one_job_dir(tmp_path):
+    # Default hydra.run.dir has a timestamp: if every rank ran Hydra, ranks could disagree on it.
+    proc = run(
+        ["strategy=ddp", *TINY],
+        cwd=tmp_path,
+        module=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1, runs
+    m = json.loads((runs[0] / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    assert sorted(p.name for p in (runs[0] / "tb").iterdir()) == ["rank0", "rank1"]
+
+
+def test_torchrun_by_hand_with_a_bad_config_exits_nonzero(tmp_path):
+    proc = run(
+        ["strategy=single", *TINY],
+        cwd=tmp_path,
+        module=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+    )
+    assert proc.returncode != 0
+    assert "paralab: config error: strategy=single runs in one process" in proc.stderr
+
+
+def test_multirun_one_dir_per_valid_job_named_from_overrides(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run(["-m", "strategy=single,ddp", "launcher.nproc_per_node=1,2", *TINY, f"hydra.sweep.dir={sweep}"], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [
+        "strategy=ddp,launcher.nproc_per_node=1",
+        "strategy=ddp,launcher.nproc_per_node=2",
+        "strategy=single,launcher.nproc_per_node=1",
+    ]
+    assert "skipped job" in proc.stderr and "strategy=single" in proc.stderr
+    for name in jobs:
+        m = json.loads((sweep / name / "metrics.json").read_text())
+        assert m["world_size"] == int(name[-1])
+        assert len(list((sweep / name / "tb").iterdir())) == m["world_size"]
+    # The sweep ran once: a child rank that replayed it would launch it again.
+    assert proc.stdout.count("Launching 4 jobs locally") + proc.stderr.count("Launching 4 jobs locally") == 1
+    # Same seed, same global batch: the three valid jobs trained the same trajectory.
+    losses = [json.loads((sweep / n / "metrics.json").read_text())["losses"] for n in jobs]
+    assert losses[0] == pytest.approx(losses[2], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_slurm_launcher_writes_an_sbatch_script(tmp_path):
+    job = tmp_path / "job"
+    proc = run(["launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=4", "launcher.submit=false",
+                "strategy=ddp", *TINY, f"hydra.run.dir={job}"], timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = (job / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
+    assert f"-m experiments.worker {job}" in script
+    assert str(REPO) in script
