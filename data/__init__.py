@@ -52,6 +52,8 @@ def build_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
     return vision_dataset(cfg, seed)
 
 
-def make_loader(dataset: Dataset, cfg: DatasetConfig, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int) -> DataLoader:
+def make_loader(
+    dataset: Dataset, cfg: DatasetConfig, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int
+) -> DataLoader:
     sampler = ShardedBatchSampler(len(dataset), global_micro_batch, dp_rank, dp_size, seed, cfg.shuffle)  # type: ignore[arg-type]
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)

@@ -15,7 +15,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
     so the union over ranks of one step is exactly the batch a single process would see.
     """
 
-    def __init__(self, n: int, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool) -> None:
+    def __init__(
+        self, n: int, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool
+    ) -> None:
         if n < global_micro_batch:
             raise ValueError(f"dataset has {n} samples, fewer than one batch of {global_micro_batch}")
         self.n, self.batch, self.seed, self.shuffle = n, global_micro_batch, seed, shuffle

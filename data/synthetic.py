@@ -8,7 +8,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 
-def teacher_dataset(num_samples: int, input_shape: tuple[int, ...], num_classes: int, seed: int) -> TensorDataset:
+def teacher_dataset(
+    num_samples: int, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, *input_shape, generator=g)
     dim = math.prod(input_shape)

@@ -12,7 +12,8 @@ from experiments.config import ConfigError, DatasetConfig
 # Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
 EXPECTED = {
     "mnist": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
-    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)] + ["cifar-10-batches-py/batches.meta"],
+    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
+    + ["cifar-10-batches-py/batches.meta"],
 }
 NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 

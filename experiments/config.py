@@ -95,6 +95,8 @@ class LauncherConfig:
     rdzv_backend: str = "c10d"  # c10d | static
     rdzv_id: str = ""
     max_restarts: int = 0
+    # How local ranks start (spawn and torchrun): forkserver imports torch once, spawn once per rank.
+    start_method: str = "forkserver"
     # Intra-op threads per rank; 0 divides the machine's cores evenly among the local ranks.
     threads_per_rank: int = 0
     # SLURM

@@ -37,7 +37,9 @@ def swept_keys(argv: list[str], sweeper_params: Mapping[str, object] | None) -> 
     return keys
 
 
-def subdir_name(task_overrides: Sequence[str], sweeper_params: Mapping[str, object] | None, job_num: int) -> str:
+def subdir_name(
+    task_overrides: Sequence[str], sweeper_params: Mapping[str, object] | None, job_num: int
+) -> str:
     """hydra.sweep.subdir: the swept overrides of this job, in the user's order, '/' made safe.
 
     "strategy=fsdp,launcher.nproc_per_node=4" reads better in TensorBoard than every fixed override.
@@ -63,8 +65,10 @@ def run_job(cfg: DictConfig) -> float | None:
     external = worker.launched_by_external_torchrun()
     try:
         if external and multirun:
-            raise ConfigError("-m under a hand-started torchrun would run the sweep on every rank; "
-                              "use `python train.py -m ... launcher=torchrun` instead")
+            raise ConfigError(
+                "-m under a hand-started torchrun would run the sweep on every rank; "
+                "use `python train.py -m ... launcher=torchrun` instead"
+            )
         if external:
             # The world already exists: record it as it is rather than as the config guessed it.
             local = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -84,10 +88,16 @@ def run_job(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
 
-    save_frozen(cfg, job_dir)
     if external:
+        save_frozen(cfg, job_dir)
         worker.publish_job_dir(job_dir)
         return worker.main(str(job_dir))
+    return execute(cfg, typed, job_dir)
+
+
+def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:
+    """Freeze a validated config into `job_dir`, launch its ranks, return rank 0's final loss."""
+    save_frozen(cfg, job_dir)
     launch(typed.launcher, job_dir)
     if typed.launcher.name == "slurm" or not (job_dir / METRICS_FILE).exists():
         return None

@@ -18,7 +18,7 @@ from data.spec import DataSpec
 from experiments.config import Config
 from experiments.distenv import RankEnv
 from experiments.metrics import Recorder, write_metrics
-from experiments.optim import lr_scheduler, optimizer_factory
+from experiments.optim import lr_scheduler, optimizer_spec
 from models import build_model
 from parallel.base import Parallelized, StrategyContext
 from parallel.mesh import Degrees, build_mesh, dp_rank_and_size, resolve_degrees
@@ -46,7 +46,9 @@ def grad_norm(par: Parallelized) -> float:
     return math.sqrt(sq.item())
 
 
-def global_mean_loss(losses: list[Tensor], par: Parallelized, degrees: Degrees, device: torch.device) -> float:
+def global_mean_loss(
+    losses: list[Tensor], par: Parallelized, degrees: Degrees, device: torch.device
+) -> float:
     """Mean loss over the global batch. Every last-stage rank holds its dp shard's mean; TP peers agree."""
     holders = degrees.dp * degrees.tp
     local = torch.stack(losses).float().mean() / holders if losses else torch.zeros(())
@@ -76,7 +78,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     par: Parallelized = get_spec(cfg.strategy.name).load()(model, mesh, ctx)
     for note in par.notes:
         log.info(note)
-    opt = par.make_optimizer(par.model, optimizer_factory(t))
+    opt = par.make_optimizer(par.model, optimizer_spec(t))
     sched = lr_scheduler(opt, t)
 
     micro_global = t.global_batch_size // t.grad_accum_steps
@@ -86,7 +88,13 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
 
     log.info(
         "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d",
-        cfg.strategy.name, degrees.as_dict(), env.world_size, dp_rank, dp_size, device, torch.get_num_threads(),
+        cfg.strategy.name,
+        degrees.as_dict(),
+        env.world_size,
+        dp_rank,
+        dp_size,
+        device,
+        torch.get_num_threads(),
     )
     rec = Recorder(job_dir, env.rank, t.steps, t.log_every)
     wall0 = time.perf_counter()
@@ -148,7 +156,9 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
                 "final_loss": rec.losses[-1],
                 "step_time_s": step_time,
                 "samples_per_s": t.global_batch_size / step_time,
-                "tokens_per_s": t.global_batch_size * tokens_per_sample / step_time if tokens_per_sample else None,
+                "tokens_per_s": t.global_batch_size * tokens_per_sample / step_time
+                if tokens_per_sample
+                else None,
                 "wall_s": wall,
                 "notes": par.notes,
             },

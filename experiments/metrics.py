@@ -44,7 +44,11 @@ class Recorder:
         elif self.rank == 0 and (step % self.log_every == 0 or step == 1 or step == self.total):
             log.info(
                 "step %d/%d loss %.5f step_time %.4fs samples/s %.1f",
-                step, self.total, loss, scalars["perf/step_time_s"], scalars["perf/samples_per_s"],
+                step,
+                self.total,
+                loss,
+                scalars["perf/step_time_s"],
+                scalars["perf/samples_per_s"],
             )
 
     def steady_step_time(self) -> float:

@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
 from experiments.config import TrainConfig
-from parallel.base import OptimizerFactory
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def optimizer_class_and_kwargs(cfg: TrainConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer class and its arguments: ZeRO-1 needs them apart to build its local shards."""
+
+    cls: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return self.cls(params, **self.kwargs)
+
+
+def optimizer_spec(cfg: TrainConfig) -> OptimizerSpec:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-    return torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-
-
-def optimizer_factory(cfg: TrainConfig) -> OptimizerFactory:
-    cls, kwargs = optimizer_class_and_kwargs(cfg)
-    return functools.partial(cls, **kwargs)
+        return OptimizerSpec(
+            torch.optim.SGD, {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+        )
+    return OptimizerSpec(torch.optim.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay})
 
 
 def lr_lambda(cfg: TrainConfig, step: int) -> float:

@@ -49,6 +49,12 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
             )
 
     spec = get_spec(cfg.strategy.name)
+    preset = {"zero2": False, "zero3": True}.get(cfg.strategy.name)
+    if preset is not None and cfg.strategy.reshard_after_forward != preset:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} means reshard_after_forward={str(preset).lower()}; "
+            "use strategy=fsdp to choose it freely"
+        )
     degrees = resolve_degrees(cfg.strategy, world_size)
     check_dataset(cfg.dataset)
     data = dataset_spec(cfg.dataset)
@@ -60,7 +66,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
             f"train.global_batch_size={t.global_batch_size} is not divisible by grad_accum_steps × data-parallel "
             f"size = {t.grad_accum_steps} × {degrees.dp}; use a multiple of {per_step}"
         )
-    if cfg.dataset.num_samples < t.global_batch_size and cfg.dataset.name in ("synthetic", "tokens", "fake_images"):
+    if cfg.dataset.num_samples < t.global_batch_size and cfg.dataset.name in (
+        "synthetic",
+        "tokens",
+        "fake_images",
+    ):
         raise ConfigError(
             f"dataset.num_samples={cfg.dataset.num_samples} is smaller than train.global_batch_size={t.global_batch_size}"
         )

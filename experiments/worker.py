@@ -51,16 +51,21 @@ def spawn_entry(local_rank: int, job_dir: str, nprocs: int, port: int) -> None:
 
 # ---- `torchrun --nproc_per_node=N train.py ...` run by hand: rank 0 runs Hydra, the rest follow. ----
 
+
 def launched_by_external_torchrun() -> bool:
     return "RANK" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def _agent_store() -> dist.TCPStore:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        raise SystemExit("paralab: RANK is set but no torchrun agent store is reachable; "
-                         "run `python train.py launcher=torchrun` or start this under torchrun")
+        raise SystemExit(
+            "paralab: RANK is set but no torchrun agent store is reachable; "
+            "run `python train.py launcher=torchrun` or start this under torchrun"
+        )
     return dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
         timeout=timedelta(minutes=10),
     )
 

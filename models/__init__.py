@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from data.spec import DataSpec
 from experiments.config import ConfigError, ModelConfig
 from models.staged import StagedModel
 
-from data.spec import DataSpec
-
 MODELS = ("mlp", "cnn", "resnet18", "transformer")
 IMAGE_MODELS = ("cnn", "resnet18")
+TP_MODELS = ("mlp", "transformer")  # models that declare a tensor-parallel plan
+
+
+def num_blocks(cfg: ModelConfig) -> int:
+    """Pipeline split points: the blocks a model is cut between."""
+    return 4 if cfg.name == "resnet18" else cfg.layers
 
 
 def check_model_fits_data(cfg: ModelConfig, spec: DataSpec) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments.config import Config
+from experiments.optim import OptimizerSpec
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # (inputs, targets, loss scale, sync gradients this micro-step?) -> this rank's mean loss, or None
 ForwardBackward = Callable[[Tensor, Tensor, float, bool], Tensor | None]
 
@@ -28,8 +28,8 @@ class StrategyContext:
         return nullcontext()
 
 
-def _plain_optimizer(model: nn.Module, factory: OptimizerFactory) -> torch.optim.Optimizer:
-    return factory(model.parameters())
+def _plain_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    return spec(model.parameters())
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Parallelized:
     # The unwrapped module(s) holding this rank's parameters: for state dicts and the optimizer.
     model: nn.Module
     forward_backward: ForwardBackward
-    make_optimizer: Callable[[nn.Module, OptimizerFactory], torch.optim.Optimizer] = _plain_optimizer
+    make_optimizer: Callable[[nn.Module, OptimizerSpec], torch.optim.Optimizer] = _plain_optimizer
     # Pipeline ranks that do not run the last stage never see a loss.
     holds_loss: bool = True
     # Parameters split across the pipeline: grad norms must be summed over this group.

@@ -45,8 +45,10 @@ def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
                 "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"
             )
         return Degrees()
-    configured = {"tp": strategy.tp if "tp" in spec.configured else 1,
-                  "pp": strategy.pp if "pp" in spec.configured else 1}
+    configured = {
+        "tp": strategy.tp if "tp" in spec.configured else 1,
+        "pp": strategy.pp if "pp" in spec.configured else 1,
+    }
     for dim, value in configured.items():
         if value < 1:
             raise ConfigError(f"strategy.{dim}={value} must be >= 1")

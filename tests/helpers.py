@@ -31,7 +31,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path = REPO, timeout: int = 240, module: list[str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], cwd: Path = REPO, timeout: int = 240, module: list[str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, *(module or []), str(REPO / "train.py"), *args]
     return subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
 
@@ -39,7 +41,9 @@ def run(args: list[str], cwd: Path = REPO, timeout: int = 240, module: list[str]
 def train(job_dir: Path, *overrides: str, tiny: bool = True) -> dict:
     """Run one job into `job_dir`; fail with its output if it fails; return its metrics.json."""
     proc = run([*(TINY if tiny else []), *overrides, f"hydra.run.dir={job_dir}"])
-    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return json.loads((job_dir / "metrics.json").read_text())
 
 

@@ -21,7 +21,12 @@ def cfg_of(*overrides: str) -> Config:
 
 def test_default_composes_to_ddp_on_two_torchrun_ranks():
     cfg = cfg_of()
-    assert (cfg.strategy.name, cfg.model.name, cfg.dataset.name, cfg.launcher.name) == ("ddp", "mlp", "synthetic", "torchrun")
+    assert (cfg.strategy.name, cfg.model.name, cfg.dataset.name, cfg.launcher.name) == (
+        "ddp",
+        "mlp",
+        "synthetic",
+        "torchrun",
+    )
     assert cfg.launcher.nproc_per_node == 2
     assert validate(cfg).dp_replicate == 2
 
@@ -48,7 +53,10 @@ def test_wrong_type_fails_at_compose():
         (["launcher=local", "launcher.nproc_per_node=2"], "launcher=local runs one process"),
         (["launcher=spawn", "launcher.nnodes=2"], "single-node"),
         (["launcher.nnodes=2"], "rdzv_endpoint"),
-        (["dataset=mnist", "dataset.root=/nonexistent"], "/nonexistent/MNIST/raw/train-images-idx3-ubyte not found"),
+        (
+            ["dataset=mnist", "dataset.root=/nonexistent"],
+            "/nonexistent/MNIST/raw/train-images-idx3-ubyte not found",
+        ),
         (["model=cnn"], "needs images"),
         (["strategy.name=nope"], "unknown strategy 'nope'"),
     ],
@@ -63,8 +71,10 @@ def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     proc = run(["strategy=single", "launcher.nproc_per_node=2", f"hydra.run.dir={job}"], timeout=60)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines == ["paralab: config error: strategy=single runs in one process, but the launcher starts 2; "
-                     "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"]
+    assert lines == [
+        "paralab: config error: strategy=single runs in one process, but the launcher starts 2; "
+        "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"
+    ]
     assert not job.exists(), "a rejected job leaves no directory"
 
 

@@ -8,7 +8,14 @@ import pytest
 
 from tests.helpers import REPO, TINY, run, tb_scalars, train
 
-REQUIRED_SCALARS = {"loss/train", "lr", "perf/step_time_s", "perf/samples_per_s", "perf/data_time_s", "grad_norm"}
+REQUIRED_SCALARS = {
+    "loss/train",
+    "lr",
+    "perf/step_time_s",
+    "perf/samples_per_s",
+    "perf/data_time_s",
+    "grad_norm",
+}
 
 
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
@@ -67,7 +74,10 @@ def test_torchrun_by_hand_with_a_bad_config_exits_nonzero(tmp_path):
 
 def test_multirun_one_dir_per_valid_job_named_from_overrides(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run(["-m", "strategy=single,ddp", "launcher.nproc_per_node=1,2", *TINY, f"hydra.sweep.dir={sweep}"], timeout=400)
+    proc = run(
+        ["-m", "strategy=single,ddp", "launcher.nproc_per_node=1,2", *TINY, f"hydra.sweep.dir={sweep}"],
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == [
@@ -89,8 +99,18 @@ def test_multirun_one_dir_per_valid_job_named_from_overrides(tmp_path):
 
 def test_slurm_launcher_writes_an_sbatch_script(tmp_path):
     job = tmp_path / "job"
-    proc = run(["launcher=slurm", "launcher.nnodes=2", "launcher.nproc_per_node=4", "launcher.submit=false",
-                "strategy=ddp", *TINY, f"hydra.run.dir={job}"], timeout=60)
+    proc = run(
+        [
+            "launcher=slurm",
+            "launcher.nnodes=2",
+            "launcher.nproc_per_node=4",
+            "launcher.submit=false",
+            "strategy=ddp",
+            *TINY,
+            f"hydra.run.dir={job}",
+        ],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = (job / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script

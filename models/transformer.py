@@ -1,0 +1,114 @@
+"""GPT-style decoder: token + position embedding, pre-norm blocks (causal attention + MLP), norm, head.
+
+Its tensor-parallel plan and pipeline split points (the blocks) are declared here, beside the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from experiments.config import ModelConfig
+from models.staged import StagedModel
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.head_dim = dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds heads/tp of them.
+        q, k, v = (w(x).view(b, s, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = Attention(dim, heads)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.feed_forward = FeedForward(dim, ffn)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int, max_len: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+
+
+class Transformer(StagedModel):
+    def __init__(self, vocab: int, seq_len: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.stem = Embedding(vocab, cfg.hidden, max(cfg.max_seq_len, seq_len))
+        self.blocks = nn.ModuleDict(
+            {str(i): Block(cfg.hidden, cfg.heads, cfg.ffn_mult * cfg.hidden) for i in range(cfg.layers)}
+        )
+        self.head = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, vocab, bias=False))
+
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, object]:
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
+
+        # Megatron: q/k/v and w1 split by columns (heads / hidden units), wo and w2 by rows, so each
+        # sublayer needs one all-reduce forward and one backward. With sequence parallelism the norms
+        # run on sequence shards and the all-reduce becomes reduce-scatter + all-gather.
+        between = Shard(1) if sequence_parallel else Replicate()
+        plan: dict[str, object] = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=between),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=between),
+        }
+        if sequence_parallel:
+            gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan |= {
+                "attention_norm": SequenceParallel(),
+                "ffn_norm": SequenceParallel(),
+                "attention": gather,
+                "feed_forward": gather,
+            }
+        return plan
+
+    def sequence_parallel_edges(self) -> dict[str, object]:
+        """Shard the embedding output along the sequence; gather it again before the head."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput
+
+        return {
+            "stem": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),)),
+            "head": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        }

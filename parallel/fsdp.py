@@ -1,0 +1,37 @@
+"""FSDP2 (fully_shard): ZeRO-3 when parameters are resharded after forward, ZeRO-2 when they are kept."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> None:
+    """fully_shard each block, then the root: one all-gather per block, overlapped with compute."""
+    s = ctx.cfg.strategy
+    kwargs = {
+        "mesh": dp_mesh,
+        "reshard_after_forward": s.reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=DTYPES[s.mp_param_dtype], reduce_dtype=DTYPES[s.mp_reduce_dtype]
+        ),
+    }
+    for block in model.blocks.values():
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    shard_model(model, mesh["dp_shard"], ctx)
+    return Parallelized(
+        model=model,
+        forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
+    )

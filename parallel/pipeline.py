@@ -1,0 +1,138 @@
+"""Pipeline parallelism with torch.distributed.pipelining, and the naive layer split (`mp`).
+
+The model is cut at its declared block boundaries. A stage is a view on the model's own
+submodules (no copies), so its parameter names are the full model's; the other parallelisms are
+applied to each stage before it joins the schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+
+from models.staged import StagedModel
+from parallel.base import Parallelized, StrategyContext
+
+# config name -> torch schedule name
+SCHEDULES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved1f1b": "Interleaved1F1B",
+    "looped_bfs": "LoopedBFS",
+    "interleaved_zb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+}
+# Schedules whose ranks hold stages at both ends of the pipe ("V" placement) rather than looping.
+V_SCHEDULES = {"zbv"}
+
+
+def is_multi_stage(schedule: str) -> bool:
+    return issubclass(get_schedule_class(SCHEDULES[schedule]), PipelineScheduleMulti)
+
+
+def stages_per_rank(schedule: str, configured: int) -> int:
+    return configured or (2 if is_multi_stage(schedule) else 1)
+
+
+def split_blocks(names: list[str], num_stages: int) -> list[list[str]]:
+    """Contiguous, as-even-as-possible groups of blocks; earlier stages take the remainder."""
+    base, extra = divmod(len(names), num_stages)
+    out, start = [], 0
+    for s in range(num_stages):
+        n = base + (1 if s < extra else 0)
+        out.append(names[start : start + n])
+        start += n
+    return out
+
+
+def stage_ids(pp_rank: int, pp: int, v: int, schedule: str) -> list[int]:
+    if schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + i * pp for i in range(v)]
+
+
+class Stage(StagedModel):
+    """A view of some of a StagedModel's blocks, plus its stem on the first stage and head on the last."""
+
+    def __init__(self, model: StagedModel, blocks: list[str], first: bool, last: bool) -> None:
+        super().__init__()
+        self.stem = model.stem if first else None
+        self.blocks = nn.ModuleDict({name: model.blocks[name] for name in blocks})
+        self.head = model.head if last else None
+        self._source = type(model)
+
+    def tp_plan(self, sequence_parallel: bool):
+        return self._source.tp_plan(self, sequence_parallel)  # type: ignore[arg-type]
+
+
+def apply_pipeline(
+    model: StagedModel,
+    mesh: DeviceMesh,
+    ctx: StrategyContext,
+    per_stage: Callable[[Stage], nn.Module] = lambda stage: stage,
+) -> Parallelized:
+    """Split `model` over the mesh's pp dim; `per_stage` applies the other parallelisms to each stage."""
+    s, t = ctx.cfg.strategy, ctx.cfg.train
+    pp_mesh = mesh["pp"]
+    pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    v = stages_per_rank(s.schedule, s.stages_per_rank)
+    n_stages = pp * v
+    groups = split_blocks(list(model.blocks.keys()), n_stages)
+    ids = stage_ids(pp_rank, pp, v, s.schedule)
+
+    # One module holding everything this rank owns, with the full model's names: for the optimizer,
+    # state dicts and memory accounting.
+    local_blocks = [b for i in sorted(ids) for b in groups[i]]
+    owned = Stage(model, local_blocks, first=0 in ids, last=n_stages - 1 in ids)
+    stages = []
+    for sid in ids:
+        module = per_stage(Stage(owned, groups[sid], first=sid == 0, last=sid == n_stages - 1))
+        stages.append(PipelineStage(module, sid, n_stages, ctx.device, group=pp_mesh.get_group()))
+
+    accum = t.grad_accum_steps
+
+    def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+        return ctx.loss_fn(out, y)
+
+    # Gradient accumulation in a pipeline is more microbatches: one flush, one gradient sync.
+    cls = get_schedule_class(SCHEDULES[s.schedule])
+    n_micro = s.microbatches * accum
+    schedule = cls(stages if v > 1 else stages[0], n_micro, loss_fn=loss_fn)
+    first, last = owned.stem is not None, owned.head is not None
+    pending: list[tuple[Tensor, Tensor]] = []
+
+    def forward_backward(x: Tensor, y: Tensor, scale: float, sync: bool) -> Tensor | None:
+        pending.append((x, y))
+        if not sync:
+            return None
+        xs = torch.cat([p[0] for p in pending])
+        ys = torch.cat([p[1] for p in pending])
+        pending.clear()
+        losses: list[Tensor] = []
+        with ctx.autocast():
+            schedule.step(
+                *((xs,) if first else ()), target=ys if last else None, losses=losses if last else None
+            )
+        return torch.stack([loss.detach() for loss in losses]).mean() if last else None
+
+    return Parallelized(
+        model=owned,
+        forward_backward=forward_backward,
+        holds_loss=last,
+        pp_group=pp_mesh.get_group() if pp > 1 else None,
+    )
+
+
+def apply_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    return apply_pipeline(model, mesh, ctx)
+
+
+def apply_mp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    # The naive split: consecutive layer groups on consecutive ranks, one whole batch at a time. It
+    # is GPipe with a single microbatch, so only one rank computes at any moment.
+    return apply_pipeline(model, mesh, ctx)

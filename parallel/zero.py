@@ -1,0 +1,30 @@
+"""ZeRO-1: DDP gradients, optimizer state sharded with torch's ZeroRedundancyOptimizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.optim import ZeroRedundancyOptimizer
+
+from experiments.optim import OptimizerSpec
+from parallel.base import Parallelized, StrategyContext, module_forward_backward
+from parallel.ddp import wrap_ddp
+
+
+def apply_zero1(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    ddp = wrap_ddp(model, mesh, ctx)
+    group = mesh["dp_replicate"].get_group()
+
+    def make_optimizer(module: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+        # Each rank keeps state only for the parameters assigned to it, steps them, and broadcasts
+        # the updated values to the other ranks.
+        return ZeroRedundancyOptimizer(
+            module.parameters(), optimizer_class=spec.cls, process_group=group, **spec.kwargs
+        )
+
+    return Parallelized(
+        model=model,
+        forward_backward=module_forward_backward(ddp, ctx, ddp.no_sync),
+        make_optimizer=make_optimizer,
+    )
