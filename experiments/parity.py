@@ -20,10 +20,9 @@ from experiments.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FP32_REL_TOL = 1e-5
-# bf16 keeps 8 mantissa bits (relative rounding 2^-8 ≈ 3.9e-3 per op); sharded runs reduce in a
-# different order, so the same rounding lands on slightly different values. A few ulps of the
-# loss is what agreement looks like.
-BF16_REL_TOL = 2e-2
+# bf16 keeps 8 mantissa bits (one ulp is 2^-8 ≈ 3.9e-3 relative); sharded runs reduce in a
+# different order, so the same rounding can land one ulp apart: agreement is within one bf16 ulp.
+BF16_REL_TOL = 4e-3
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

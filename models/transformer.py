@@ -94,7 +94,9 @@ class Transformer(StagedModel):
             "feed_forward.w2": RowwiseParallel(output_layouts=between),
         }
         if sequence_parallel:
-            gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            gather = PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
             plan |= {
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
@@ -110,5 +112,7 @@ class Transformer(StagedModel):
 
         return {
             "stem": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),)),
-            "head": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "head": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
         }

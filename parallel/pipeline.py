@@ -64,7 +64,7 @@ class Stage(StagedModel):
         self.stem = model.stem if first else None
         self.blocks = nn.ModuleDict({name: model.blocks[name] for name in blocks})
         self.head = model.head if last else None
-        self._source = type(model)
+        self._source = model._source if isinstance(model, Stage) else type(model)
 
     def tp_plan(self, sequence_parallel: bool):
         return self._source.tp_plan(self, sequence_parallel)  # type: ignore[arg-type]

@@ -66,6 +66,49 @@ def test_validation_rejects(overrides, message):
         validate(cfg_of(*overrides))
 
 
+GPT = ["model=transformer", "dataset=tokens"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["strategy=tp", "launcher.nproc_per_node=3", *GPT],
+            "does not divide model.heads = 4|does not divide model.hidden",
+        ),
+        (
+            ["strategy=fsdp_tp", "strategy.tp=8", "launcher.nproc_per_node=8", *GPT, "model.heads=4"],
+            "does not divide model.heads",
+        ),
+        (["strategy=tp", "model=cnn", "dataset.input_shape=[3,32,32]"], "models with one: mlp, transformer"),
+        (["strategy=pp", "launcher.nproc_per_node=4", "model.layers=2"], "4 pipeline stages .* has 2 blocks"),
+        (["strategy=pp", "strategy.schedule=interleaved1f1b", "model.layers=3"], "4 pipeline stages"),
+        (["strategy=pp", "strategy.microbatches=3"], "does not split into strategy.microbatches=3"),
+        (["strategy=pp", "strategy.schedule=1f1b", "strategy.stages_per_rank=2"], "one stage per rank"),
+        (["strategy=pp", "strategy.schedule=warp"], "strategy.schedule=warp is not one of"),
+        (["strategy=mp", "strategy.microbatches=4"], "for microbatches use strategy=pp"),
+        (["strategy=fsdp_tp", "launcher.nproc_per_node=3"], "not divisible by tp×pp = 2"),
+        (["strategy=fsdp_tp_pp", "launcher.nproc_per_node=6", *GPT], "not divisible by tp×pp = 4"),
+        (["strategy=ddp", "strategy.tp=2"], "does not use strategy.tp=2"),
+        (["strategy=zero2", "strategy.reshard_after_forward=true"], "use strategy=fsdp"),
+        (["strategy=tp", "strategy.sequence_parallel=true"], "sequence_parallel needs model=transformer"),
+        (["model=transformer"], "needs a token dataset"),
+    ],
+)
+def test_strategy_rules_are_checked_before_launch(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg_of(*overrides))
+
+
+def test_hybrids_infer_the_data_parallel_degree():
+    d = validate(
+        cfg_of("strategy=fsdp_tp_pp", "launcher.nproc_per_node=8", *GPT, "train.global_batch_size=16")
+    )
+    assert (d.pp, d.dp_shard, d.tp) == (2, 2, 2)
+    d = validate(cfg_of("strategy=ddp_pp", "launcher.nproc_per_node=4", *GPT))
+    assert (d.pp, d.dp_replicate) == (2, 2)
+
+
 def test_bad_config_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     job = tmp_path / "job"
     proc = run(["strategy=single", "launcher.nproc_per_node=2", f"hydra.run.dir={job}"], timeout=60)
