@@ -3,6 +3,8 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 SWEEP   ?= $(lastword $(sort $(wildcard outputs/sweeps/*)))
 ARGS    ?=
+STRATEGY ?= ddp
+WORLD   ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-full sweep compare parity bench tensorboard lint clean
@@ -26,6 +28,9 @@ test: $(STAMP) ## run the test suite (real processes, gloo, tiny models; < 10 mi
 
 test-full: $(STAMP) ## run every test, including the 8-process and slow cases
 	$(PY) -m pytest -q $(ARGS)
+
+parity: $(STAMP) ## check a setting against single-process training: make parity STRATEGY=fsdp_tp WORLD=4 [ARGS=...]
+	$(PY) -m experiments.parity strategy=$(STRATEGY) launcher.nproc_per_node=$(WORLD) $(ARGS)
 
 sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
 	$(PY) train.py -m strategy=single,ddp launcher.nproc_per_node=1,2 $(ARGS)

@@ -30,8 +30,13 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = True
-    # Save the final model and optimizer with torch.distributed.checkpoint (sharded, reshardable).
+    # Save the final model with torch.distributed.checkpoint (sharded, reshardable).
     save_checkpoint: bool = False
+    # Count communication and memory on step 2 and every `measure_every` steps (0 = never). The
+    # counter sees every op, so these steps are left out of the reported throughput.
+    measure_every: int = 10
+    # Peak dense TFLOP/s of one device for MFU; 0 = look it up by GPU name (no MFU on CPU).
+    peak_tflops: float = 0.0
 
 
 @dataclass

@@ -26,18 +26,24 @@ class Recorder:
         self.writer = SummaryWriter(str(tb_dir(job_dir, rank)))
         self.losses: list[float] = []
         self.step_times: list[float] = []
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
 
-    def step(self, step: int, loss: float, scalars: dict[str, float], log) -> None:
+    def step(self, step: int, loss: float, scalars: dict[str, float], log, measured: bool = False) -> None:
         self.losses.append(loss)
-        self.step_times.append(scalars["perf/step_time_s"])
+        if not measured and step > 1:  # step 1 pays for warm-up and lazy init
+            self.step_times.append(scalars["perf/step_time_s"])
         self.writer.add_scalar("loss/train", loss, step)
         for tag, value in scalars.items():
             self.writer.add_scalar(tag, value, step)
+            if step > 1:
+                self.sums[tag] = self.sums.get(tag, 0.0) + value
+                self.counts[tag] = self.counts.get(tag, 0) + 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
@@ -52,14 +58,56 @@ class Recorder:
             )
 
     def steady_step_time(self) -> float:
-        # The first step pays for allocator warm-up and lazy init; leave it out when we can.
-        times = self.step_times[1:] or self.step_times
-        return statistics.median(times)
+        """Median time of the clean steps (not the first, not the instrumented ones)."""
+        return statistics.median(self.step_times) if self.step_times else float("nan")
+
+    def means(self) -> dict[str, float]:
+        return {tag: self.sums[tag] / self.counts[tag] for tag in self.sums}
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         self.writer.close()
+
+
+# Overlay the same metric across every job of a sweep (TensorBoard's Custom Scalars tab).
+LAYOUT = {
+    "paralab": {
+        "loss": ["Multiline", ["loss/train"]],
+        "throughput": ["Multiline", ["perf/samples_per_s", "perf/tokens_per_s"]],
+        "step time": ["Multiline", ["perf/step_time_s", "perf/data_time_s"]],
+        "model-state memory, measured vs theory": [
+            "Multiline",
+            ["mem/model_state_bytes", "theory/mem/model_state_bytes"],
+        ],
+        "communication sent per step, measured vs theory": [
+            "Multiline",
+            [r"comm/\w+_wire_bytes", r"theory/comm/\w+_wire_bytes"],
+        ],
+        "pipeline bubble": ["Multiline", ["pipeline/bubble_fraction", "theory/pipeline/bubble_fraction"]],
+    }
+}
+
+
+def write_hparams(job_dir: Path, metrics: dict[str, Any]) -> None:
+    """One HParams entry per job (its own run dir, so no second writer shares a rank's folder)."""
+    hparams = {
+        "strategy": metrics["strategy"],
+        "world_size": metrics["world_size"],
+        **{f"degree/{k}": v for k, v in metrics["degrees"].items()},
+        "model": metrics["model"],
+        "global_batch_size": metrics["global_batch_size"],
+        "precision": metrics["precision"],
+    }
+    peaks = [r.get("mem/peak_rss_bytes", r.get("mem/cuda_peak_allocated_bytes", 0)) for r in metrics["ranks"]]
+    results = {
+        "hparam/samples_per_s": metrics["samples_per_s"],
+        "hparam/final_loss": metrics["final_loss"],
+        "hparam/peak_memory_bytes": float(max(peaks, default=0)),
+    }
+    with SummaryWriter(str(job_dir / "tb" / "hparams")) as w:
+        w.add_hparams(hparams, results, run_name=".")
+        w.add_custom_scalars(LAYOUT)
 
 
 def write_metrics(job_dir: Path, metrics: dict[str, Any]) -> None:

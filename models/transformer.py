@@ -85,24 +85,23 @@ class Transformer(StagedModel):
         # sublayer needs one all-reduce forward and one backward. With sequence parallelism the norms
         # run on sequence shards and the all-reduce becomes reduce-scatter + all-gather.
         between = Shard(1) if sequence_parallel else Replicate()
+        # One DTensor input per sublayer, shared by q/k/v (and w1): their input gradients add up as
+        # one partial sum and are reduced once, as in Megatron, not once per projection.
+        gather = PrepareModuleInput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
+        )
         plan: dict[str, object] = {
+            "attention": gather,
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=between),
+            "feed_forward": gather,
             "feed_forward.w1": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=between),
         }
         if sequence_parallel:
-            gather = PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            )
-            plan |= {
-                "attention_norm": SequenceParallel(),
-                "ffn_norm": SequenceParallel(),
-                "attention": gather,
-                "feed_forward": gather,
-            }
+            plan |= {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
         return plan
 
     def sequence_parallel_edges(self) -> dict[str, object]:

@@ -42,6 +42,8 @@ class Parallelized:
     holds_loss: bool = True
     # Parameters split across the pipeline: grad norms must be summed over this group.
     pp_group: torch.distributed.ProcessGroup | None = None
+    # Pipelines: seconds this rank spent computing since the last call (for the measured bubble).
+    busy_seconds: Callable[[], float] | None = None
     notes: list[str] = field(default_factory=list)
 
 

@@ -7,6 +7,7 @@ applied to each stage before it joins the schedule.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -70,6 +71,39 @@ class Stage(StagedModel):
         return self._source.tp_plan(self, sequence_parallel)  # type: ignore[arg-type]
 
 
+class BusyClock:
+    """Time a rank spends in its stages' compute (forward, backward, weight-grad chunks).
+
+    Everything else in a schedule's step is waiting on neighbours or the bubble, so
+    1 − busy / step time is the measured bubble share.
+    """
+
+    METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+
+    def wrap(self, stage: PipelineStage) -> None:
+        for name in self.METHODS:
+            method = getattr(stage, name, None)
+            if method is not None:
+                setattr(stage, name, self._timed(method))
+
+    def _timed(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.busy += time.perf_counter() - t0
+
+        return timed
+
+    def take(self) -> float:
+        busy, self.busy = self.busy, 0.0
+        return busy
+
+
 def apply_pipeline(
     model: StagedModel,
     mesh: DeviceMesh,
@@ -90,9 +124,11 @@ def apply_pipeline(
     local_blocks = [b for i in sorted(ids) for b in groups[i]]
     owned = Stage(model, local_blocks, first=0 in ids, last=n_stages - 1 in ids)
     stages = []
+    clock = BusyClock()
     for sid in ids:
         module = per_stage(Stage(owned, groups[sid], first=sid == 0, last=sid == n_stages - 1))
         stages.append(PipelineStage(module, sid, n_stages, ctx.device, group=pp_mesh.get_group()))
+        clock.wrap(stages[-1])
 
     accum = t.grad_accum_steps
 
@@ -125,6 +161,7 @@ def apply_pipeline(
         forward_backward=forward_backward,
         holds_loss=last,
         pp_group=pp_mesh.get_group() if pp > 1 else None,
+        busy_seconds=clock.take,
     )
 
 

@@ -1,0 +1,205 @@
+"""What a step costs, measured on this rank: communication per collective and memory by category.
+
+Communication: a TorchDispatchMode sees every c10d op, whoever issues it (DDP's C++ reducer,
+FSDP, DTensor's functional collectives, ZeroRedundancyOptimizer, pipeline send/recv), with the
+tensors, so it counts bytes too. It sits on every op's path, so it is switched on only for
+sampled steps; the throughput we report comes from the other steps.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from experiments.theory import ring_bytes
+
+# c10d op name -> (collective, which tensors make the payload S)
+_OPS = {
+    "allreduce_": ("all_reduce", "inputs"),
+    "all_reduce": ("all_reduce", "inputs"),
+    "allreduce_coalesced_": ("all_reduce", "inputs"),
+    "_allgather_base_": ("all_gather", "output"),
+    "allgather_": ("all_gather", "output"),
+    "allgather_into_tensor_coalesced_": ("all_gather", "output"),
+    "all_gather_into_tensor": ("all_gather", "output"),
+    "_reduce_scatter_base_": ("reduce_scatter", "input"),
+    "reduce_scatter_": ("reduce_scatter", "input"),
+    "reduce_scatter_tensor": ("reduce_scatter", "input"),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", "input"),
+    "broadcast_": ("broadcast", "inputs"),
+    "broadcast": ("broadcast", "inputs"),
+    "send": ("send", "inputs"),
+    "recv_": ("recv", "inputs"),
+    "recv_any_source_": ("recv", "inputs"),
+    "all_to_all_single": ("all_to_all", "inputs"),
+    "alltoall_base_": ("all_to_all", "inputs"),
+}
+_NAMESPACES = ("c10d", "_c10d_functional")
+
+
+def _tensors(obj: object) -> Iterable[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, list | tuple):
+        for o in obj:
+            yield from _tensors(o)
+
+
+def _nbytes(obj: object) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _group_size(args: tuple) -> int:
+    """Size of the process group an op runs on: c10d ops carry it boxed, functional ones by name."""
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            try:
+                return dist.ProcessGroup.unbox(a).size()
+            except (RuntimeError, TypeError):
+                continue  # the ReduceOp is boxed the same way
+        if isinstance(a, str):
+            try:
+                return dist.distributed_c10d._resolve_process_group(a).size()
+            except (KeyError, ValueError, RuntimeError):
+                continue
+    return 1
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts c10d collectives: calls, payload bytes S, and ring-model bytes sent by this rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = defaultdict(int)
+        self.bytes: dict[str, float] = defaultdict(float)
+        self.wire: dict[str, float] = defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in _NAMESPACES:
+            op = _OPS.get(func._opname)
+            if op is not None:
+                collective, payload = op
+                if payload == "output":
+                    size = _nbytes(args[0])
+                elif payload == "input":
+                    size = _nbytes(args[1] if func.namespace == "c10d" else args[0])
+                else:
+                    size = _nbytes(args[0])
+                n = _group_size(tuple(args) + tuple((kwargs or {}).values()))
+                self.calls[collective] += 1
+                self.bytes[collective] += size
+                self.wire[collective] += (
+                    ring_bytes(collective, size, n) if collective != "all_to_all" else size
+                )
+        return func(*args, **(kwargs or {}))
+
+    def scalars(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for c in sorted(self.calls):
+            out[f"comm/{c}_calls"] = self.calls[c]
+            out[f"comm/{c}_bytes"] = self.bytes[c]
+            out[f"comm/{c}_wire_bytes"] = self.wire[c]
+        out["comm/total_wire_bytes"] = sum(self.wire.values())
+        return out
+
+    def pause(self) -> AbstractContextManager:
+        """Leave the mode for bookkeeping collectives (loss and grad-norm reductions)."""
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        return _disable_current_modes()
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_tensors(tensors: Iterable[Tensor]) -> Iterable[Tensor]:
+    return (_local(t) for t in tensors)
+
+
+def storage_bytes(tensors: Iterable[Tensor | None], seen: set[int] | None = None) -> int:
+    """Bytes of the distinct local storages behind `tensors` (views and shared storage count once)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        s = _local(t).untyped_storage()
+        if s.data_ptr() in seen or s.nbytes() == 0:
+            continue
+        seen.add(s.data_ptr())
+        total += s.nbytes()
+    return total
+
+
+def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    # ZeroRedundancyOptimizer keeps this rank's shard of the state in an inner optimizer.
+    return getattr(opt, "optim", opt)
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    states = local_optimizer(opt).state.values()
+    return storage_bytes(v for s in states for v in s.values() if isinstance(v, Tensor))
+
+
+class GatheredParams:
+    """Parameters a sharded model holds unsharded from the end of forward into backward.
+
+    FSDP2 registers the gathered tensors as the module's parameters while they are unsharded; a
+    forward hook on the root, registered after fully_shard's own hooks, sees what stays gathered.
+    """
+
+    def __init__(self, model: nn.Module, at_rest: set[int]) -> None:
+        self.at_rest = at_rest
+        self.bytes = 0
+        self.armed = False
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: object, output: object) -> None:
+        if self.armed:
+            seen = set(self.at_rest)
+            self.bytes = max(
+                self.bytes,
+                storage_bytes((p for p in module.parameters() if not isinstance(p, DTensor)), seen),
+            )
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        return "mem/cuda_peak_allocated_bytes", torch.cuda.max_memory_allocated(device)
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return "mem/peak_rss_bytes", kb * (1 if sys.platform == "darwin" else 1024)
+
+
+# Dense peak FLOP/s by device name and compute dtype, from the vendors' datasheets (SXM parts).
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+def peak_flops_per_s(device: torch.device, train) -> float:
+    """Peak for MFU: train.peak_tflops when set, else the datasheet figure; 0 = unknown (no MFU)."""
+    if device.type != "cuda":
+        return 0.0
+    if train.peak_tflops:
+        return train.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[train.precision]
+    return 0.0
+
+
+def counting(counter: CommCounter | None) -> AbstractContextManager:
+    return counter if counter is not None else nullcontext()
