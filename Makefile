@@ -35,6 +35,12 @@ parity: $(STAMP) ## check a setting against single-process training: make parity
 sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
 	$(PY) train.py -m strategy=single,ddp launcher.nproc_per_node=1,2 $(ARGS)
 
+compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=outputs/sweeps/<dir>], default the newest
+	$(PY) -m experiments.compare $(SWEEP)
+
+bench: $(STAMP) ## paralab's DDP loop vs a hand-written DDP loop, interleaved, 2 ranks: prints the throughput ratio
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.bench $(ARGS)
+
 tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/
 	$(PY) -m tensorboard.main --logdir outputs --bind_all
 

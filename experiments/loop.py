@@ -193,9 +193,11 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         from experiments.checkpoint import save_model
 
         save_model(par.model, job_dir)
+    # Per rank, with this rank's own prediction (ZeRO-1's optimizer shard differs between ranks).
     mine = {
         "rank": env.rank,
         **last_measure,
+        **theory,
         **{k: v for k, v in rec.means().items() if k.startswith("pipeline/")},
     }
     ranks: list[dict] | None = [None] * env.world_size if env.rank == 0 else None  # type: ignore[list-item]

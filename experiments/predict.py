@@ -82,7 +82,7 @@ def communication(cfg: Config, d: Degrees, m: ModelSizes, local_batch: int, seq_
             b * m.psi,
             d.dp,
         )  # every gradient once per step (no_sync on inner micro-steps)
-        if stage == "os" and d.dp > 1:
+        if stage == "os":
             payload["broadcast"] = (b * m.psi, d.dp)  # each updated parameter, from its owner
     elif d.tp * d.pp == 1 and stage in ("os+g", "os+g+p"):
         # Forward gathers every parameter; ZeRO-3 gathers them all again for backward (ZeRO §7).

@@ -43,6 +43,8 @@ def zero_model_state_bytes(stage: str, psi: float, n: int, p: Precision = MIXED_
 
 def ring_bytes(collective: str, size: float, n: int) -> float:
     """Bytes one rank sends for a collective over a full tensor of `size` bytes among n ranks."""
+    if n <= 1:
+        return 0.0  # a group of one talks to nobody
     if collective == "all_reduce":
         return 2 * (n - 1) / n * size
     if collective in ("all_gather", "reduce_scatter"):

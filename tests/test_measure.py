@@ -1,0 +1,166 @@
+"""Measured memory and communication equal the predictions where the math is exact; the bubble is
+reported beside its theory; a sweep of these jobs turns into a report with one command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from experiments.parity import run_case
+from tests.helpers import REPO, child_env
+
+COMMON = [
+    "launcher=torchrun",
+    "train.steps=4",
+    "train.measure_every=3",
+    "train.global_batch_size=16",
+    "dataset.num_samples=128",
+    "train.optimizer=adamw",
+    "train.lr=0.003",
+]
+MLP = ["model=mlp", "model.hidden=32", "model.layers=4", "dataset.input_shape=[16]"]
+GPT = [
+    "model=transformer",
+    "dataset=tokens",
+    "model.hidden=32",
+    "model.heads=4",
+    "model.layers=2",
+    "dataset.seq_len=16",
+    "dataset.vocab_size=32",
+]
+MEMORY_REL = 0.02
+COMM_REL = 0.01
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One directory of jobs, as a multirun would leave it; run lazily, once per case."""
+    root = tmp_path_factory.mktemp("sweep")
+    done: dict[str, dict] = {}
+
+    def job(name: str, *overrides: str) -> dict:
+        if name not in done:
+            done[name] = run_case([*COMMON, *overrides], root / name)
+        return done[name]
+
+    job.root = root  # type: ignore[attr-defined]
+    return job
+
+
+def rel(measured: float, predicted: float) -> float:
+    return abs(measured - predicted) / predicted
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_model_state_memory_matches_theory(sweep, strategy, world):
+    m = sweep(f"{strategy}-ws{world}", f"strategy={strategy}", f"launcher.nproc_per_node={world}", *MLP)
+    assert len(m["ranks"]) == world
+    for r in m["ranks"]:
+        for cat in ("params", "params_gathered", "grads", "optim"):
+            measured, predicted = r[f"mem/{cat}_bytes"], r[f"theory/mem/{cat}_bytes"]
+            assert abs(measured - predicted) <= MEMORY_REL * max(predicted, 1), (
+                r["rank"],
+                cat,
+                measured,
+                predicted,
+            )
+        assert rel(r["mem/model_state_bytes"], r["theory/mem/model_state_bytes"]) <= MEMORY_REL
+    if strategy in ("ddp", "zero3"):  # where torch's implementation is the paper's formula
+        assert (
+            rel(m["ranks"][0]["mem/model_state_bytes"], m["theory"]["theory/mem/paper_model_state_bytes"])
+            <= MEMORY_REL
+        )
+
+
+def test_zero1_state_follows_the_optimizer_assignment(sweep):
+    m = sweep("zero1-ws4", "strategy=zero1", "launcher.nproc_per_node=4", *MLP)
+    owned = [r["mem/optim_bytes"] for r in m["ranks"]]
+    assert len(set(owned)) > 1, "whole parameters are assigned, so the shards are not all equal"
+    assert sum(owned) == pytest.approx(8 * m["params"], rel=MEMORY_REL)
+
+
+def _check_comm(m: dict) -> None:
+    theory = {k.removeprefix("theory/"): v for k, v in m["theory"].items() if k.startswith("theory/comm/")}
+    assert theory, "no communication prediction"
+    for r in m["ranks"]:
+        for key, predicted in theory.items():
+            assert key in r, f"{key} was predicted but never measured"
+            assert abs(r[key] - predicted) <= COMM_REL * max(predicted, 1), (
+                r["rank"],
+                key,
+                r[key],
+                predicted,
+            )
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides"),
+    [
+        ("ddp-ws2", ["strategy=ddp", "launcher.nproc_per_node=2", *MLP]),
+        ("ddp-ws4", ["strategy=ddp", "launcher.nproc_per_node=4", *MLP]),
+        ("zero2-ws2", ["strategy=zero2", "launcher.nproc_per_node=2", *MLP]),
+        ("zero3-ws4", ["strategy=zero3", "launcher.nproc_per_node=4", *MLP]),
+        ("fsdp-ws2-accum", ["strategy=fsdp", "launcher.nproc_per_node=2", "train.grad_accum_steps=2", *MLP]),
+        ("tp-ws2-mlp", ["strategy=tp", "launcher.nproc_per_node=2", *MLP]),
+        ("tp-ws4-gpt", ["strategy=tp", "launcher.nproc_per_node=4", *GPT]),
+        ("zero1-ws2", ["strategy=zero1", "launcher.nproc_per_node=2", *MLP]),
+    ],
+)
+def test_communication_matches_theory(sweep, name, overrides):
+    _check_comm(sweep(name, *overrides))
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "theory"),
+    [
+        ("pp-gpipe-ws2", ["strategy=pp", "strategy.schedule=gpipe", "strategy.microbatches=4"], 1 / 5),
+        ("pp-1f1b-ws2", ["strategy=pp", "strategy.schedule=1f1b", "strategy.microbatches=4"], 1 / 5),
+        ("mp-ws2", ["strategy=mp"], 1 / 2),
+    ],
+)
+def test_pipeline_bubble_is_measured_beside_theory(sweep, name, overrides, theory):
+    m = sweep(name, *overrides, "launcher.nproc_per_node=2", *GPT)
+    assert m["theory"]["theory/pipeline/bubble_fraction"] == pytest.approx(theory)
+    for r in m["ranks"]:
+        assert 0.0 <= r["pipeline/bubble_fraction"] < 1.0
+        assert r["comm/send_calls"] > 0 and r["comm/recv_calls"] > 0
+
+
+def test_compare_writes_report_csv_and_plots(sweep):
+    sweep("single-ws1", "strategy=single", "launcher=local", *MLP)
+    sweep("ddp-ws2", "strategy=ddp", "launcher.nproc_per_node=2", *MLP)
+    sweep("zero3-ws4", "strategy=zero3", "launcher.nproc_per_node=4", *MLP)
+    root = sweep.root
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compare", str(root)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "samples/s" in proc.stdout and "zero3 ws=4" in proc.stdout
+    report = (root / "report.md").read_text()
+    assert "![memory.png](memory.png)" in report and "max loss dev vs 1 proc" in report
+    csv_rows = (root / "report.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + sum(1 for p in root.iterdir() if (p / "metrics.json").exists())
+    for png in ("throughput.png", "memory.png", "comm.png", "losses.png"):
+        assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ddp_row = next(line for line in proc.stdout.splitlines() if line.startswith("ddp-ws2"))
+    assert "+0.0%" in ddp_row  # memory and comm on the theory line
+
+
+def test_compare_on_an_empty_dir_is_one_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compare", str(tmp_path)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "no metrics.json" in proc.stderr
