@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from data.sampler import ShardedBatchSampler
 from data.spec import DataSpec
+from data.tokens import TokenWindows
 from experiments.config import ConfigError, DatasetConfig
 
 DATASETS = ("synthetic", "tokens", "mnist", "cifar10", "fake_images")
@@ -56,4 +57,7 @@ def make_loader(
     dataset: Dataset, cfg: DatasetConfig, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int
 ) -> DataLoader:
     sampler = ShardedBatchSampler(len(dataset), global_micro_batch, dp_rank, dp_size, seed, cfg.shuffle)  # type: ignore[arg-type]
+    if isinstance(dataset, TensorDataset | TokenWindows):
+        # In-memory tensors index a whole batch at once: one gather instead of stacking per sample.
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=cfg.num_workers)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)

@@ -34,7 +34,7 @@ class TrainConfig:
     save_checkpoint: bool = False
     # Count communication and memory on step 2 and every `measure_every` steps (0 = never). The
     # counter sees every op, so these steps are left out of the reported throughput.
-    measure_every: int = 10
+    measure_every: int = 50
     # Peak dense TFLOP/s of one device for MFU; 0 = look it up by GPU name (no MFU on CPU).
     peak_tflops: float = 0.0
 

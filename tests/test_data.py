@@ -29,6 +29,16 @@ def test_synthetic_is_deterministic_and_labels_are_varied():
     assert len(torch.unique(a.tensors[1])) == 4
 
 
+def test_token_windows_batch_and_single_index_agree():
+    cfg = DatasetConfig(name="tokens", num_samples=64, seq_len=8, vocab_size=16)
+    ds = build_dataset(cfg, seed=0)
+    xb, yb = ds[[3, 5]]
+    x, y = ds[5]
+    assert torch.equal(xb[1], x) and torch.equal(yb[1], y) and torch.equal(x[1:], y[:-1])
+    xl, yl = next(iter(make_loader(ds, cfg, 8, 1, 2, seed=0)))
+    assert xl.shape == (4, 8) and yl.shape == (4, 8)
+
+
 def _write_idx(path, magic, dims, data: bytes):
     path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + data)
 
