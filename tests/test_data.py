@@ -39,6 +39,19 @@ def test_token_windows_batch_and_single_index_agree():
     assert xl.shape == (4, 8) and yl.shape == (4, 8)
 
 
+def test_tokens_read_a_local_text_file(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("hello paralab, " * 20)
+    cfg = DatasetConfig(name="tokens", text_file=str(text), seq_len=8)
+    check_dataset(cfg)
+    ds = build_dataset(cfg, seed=0)
+    x, y = ds[0]
+    assert bytes(x.tolist()) == b"hello pa" and bytes(y.tolist()) == b"ello par"
+    assert len(ds) == (len(text.read_bytes()) - 1) // 8
+    with pytest.raises(ConfigError, match="not found"):
+        check_dataset(DatasetConfig(name="tokens", text_file=str(tmp_path / "missing.txt")))
+
+
 def _write_idx(path, magic, dims, data: bytes):
     path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims) + data)
 

@@ -27,6 +27,13 @@ GPT = [
     "dataset.seq_len=16",
     "dataset.vocab_size=32",
 ]
+CNN = (
+    "model=cnn",
+    "dataset=fake_images",
+    "model.channels=4",
+    "model.layers=2",
+    "dataset.input_shape=[3,16,16]",
+)
 COMMON = [
     "train.steps=5",
     "train.global_batch_size=16",
@@ -54,7 +61,7 @@ class Case:
         ]
 
     def __str__(self) -> str:
-        model = "gpt" if self.model == tuple(GPT) else "mlp"
+        model = {tuple(GPT): "gpt", CNN: "cnn"}.get(self.model, "mlp")
         return "-".join([self.strategy, f"ws{self.world}", model, *(e.split(".")[-1] for e in self.extra)])
 
 
@@ -65,12 +72,10 @@ MATRIX = [
     Case("dp", 1),
     Case("tp", 2, G),
     Case("tp", 4, G, ("strategy.sequence_parallel=true",)),
-    Case("tp", 2, G, ("strategy.sequence_parallel=true",)),
     *(
         Case("pp", 2, G, (f"strategy.schedule={s}",))
         for s in ("gpipe", "interleaved1f1b", "looped_bfs", "interleaved_zb", "zbv")
     ),
-    Case("pp", 4, G, ("strategy.schedule=gpipe",)),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),
     # Gradient accumulation (no sync on inner micro-steps) and bf16 autocast.
@@ -81,6 +86,8 @@ MATRIX = [
     Case("zero3", 2, G, ("train.precision=bf16",)),
     Case("tp", 2, G, ("train.precision=bf16",)),
     Case("zero1", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
+    Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
+    Case("ddp", 4, CNN),
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
 ]
 FULL = [Case("fsdp_tp_pp", 8, G)]
