@@ -72,6 +72,12 @@ def _check_pipeline(cfg: Config, degrees: Degrees) -> None:
             f"does not split into strategy.microbatches={s.microbatches}"
         )
     n_micro = s.microbatches * t.grad_accum_steps
+    if s.schedule == "1f1b" and n_micro < degrees.pp:
+        raise ConfigError(
+            f"strategy.schedule=1f1b needs at least as many microbatches as stages: "
+            f"microbatches × grad_accum_steps = {n_micro} < pp = {degrees.pp}; raise strategy.microbatches "
+            "or use strategy.schedule=gpipe"
+        )
     if multi and n_micro % degrees.pp:
         raise ConfigError(
             f"strategy.schedule={s.schedule} needs microbatches × grad_accum_steps ({n_micro}) divisible by pp={degrees.pp}"
