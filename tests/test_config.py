@@ -84,7 +84,10 @@ GPT = ["model=transformer", "dataset=tokens"]
         (["strategy=pp", "launcher.nproc_per_node=4", "model.layers=2"], "4 pipeline stages .* has 2 blocks"),
         (["strategy=pp", "strategy.schedule=interleaved1f1b", "model.layers=3"], "4 pipeline stages"),
         (["strategy=pp", "strategy.microbatches=3"], "does not split into strategy.microbatches=3"),
-        (["strategy=pp", "launcher.nproc_per_node=4", "strategy.microbatches=2"], "1f1b needs at least as many microbatches as stages"),
+        (
+            ["strategy=pp", "launcher.nproc_per_node=4", "strategy.microbatches=2"],
+            "1f1b needs at least as many microbatches as stages",
+        ),
         (["strategy=pp", "strategy.schedule=1f1b", "strategy.stages_per_rank=2"], "one stage per rank"),
         (["strategy=pp", "strategy.schedule=warp"], "strategy.schedule=warp is not one of"),
         (["strategy=mp", "strategy.microbatches=4"], "for microbatches use strategy=pp"),

@@ -129,19 +129,23 @@ def test_pipeline_bubble_is_measured_beside_theory(sweep, name, overrides, theor
         assert r["comm/send_calls"] > 0 and r["comm/recv_calls"] > 0
 
 
-def test_compare_writes_report_csv_and_plots(sweep):
-    sweep("single-ws1", "strategy=single", "launcher=local", *MLP)
-    sweep("ddp-ws2", "strategy=ddp", "launcher.nproc_per_node=2", *MLP)
-    sweep("zero3-ws4", "strategy=zero3", "launcher.nproc_per_node=4", *MLP)
-    root = sweep.root
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compare", str(root)],
+def compare(sweep_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compare", str(sweep_dir)],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_compare_writes_report_csv_and_plots(sweep):
+    sweep("single-ws1", "strategy=single", "launcher=local", *MLP)
+    sweep("ddp-ws2", "strategy=ddp", "launcher.nproc_per_node=2", *MLP)
+    sweep("zero3-ws4", "strategy=zero3", "launcher.nproc_per_node=4", *MLP)
+    root = sweep.root
+    proc = compare(root)
     assert proc.returncode == 0, proc.stderr
     assert "samples/s" in proc.stdout and "zero3 ws=4" in proc.stdout
     report = (root / "report.md").read_text()
@@ -155,12 +159,5 @@ def test_compare_writes_report_csv_and_plots(sweep):
 
 
 def test_compare_on_an_empty_dir_is_one_clear_error(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.compare", str(tmp_path)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = compare(tmp_path)
     assert proc.returncode != 0 and "no metrics.json" in proc.stderr
