@@ -36,6 +36,30 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
         _positive(f"train.{key}", getattr(t, key))
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0")
+    for key, value in [
+        ("train.measure_every", t.measure_every),
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.peak_tflops", t.peak_tflops),
+        ("launcher.threads_per_rank", cfg.launcher.threads_per_rank),
+        ("dataset.num_workers", cfg.dataset.num_workers),
+    ]:
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    m, d = cfg.model, cfg.dataset
+    for key, value in [
+        ("model.hidden", m.hidden),
+        ("model.layers", m.layers),
+        ("model.heads", m.heads),
+        ("model.ffn_mult", m.ffn_mult),
+        ("model.channels", m.channels),
+        ("dataset.seq_len", d.seq_len),
+        ("dataset.num_samples", d.num_samples),
+    ]:
+        _positive(key, value)
+    if d.num_classes < 2 or d.vocab_size < 2:
+        raise ConfigError("dataset.num_classes and dataset.vocab_size must be >= 2")
+    if m.name == "transformer" and m.hidden % m.heads:
+        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     check_launcher(cfg.launcher)
     if world_size is None:
         world_size = cfg.launcher.nnodes * cfg.launcher.nproc_per_node

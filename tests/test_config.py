@@ -59,6 +59,10 @@ def test_wrong_type_fails_at_compose():
         ),
         (["model=cnn"], "needs images"),
         (["strategy.name=nope"], "unknown strategy 'nope'"),
+        (["train.measure_every=-1"], "train.measure_every=-1 must be >= 0"),
+        (["launcher.threads_per_rank=-2"], "launcher.threads_per_rank=-2 must be >= 0"),
+        (["model.layers=0"], "model.layers=0 must be >= 1"),
+        (["model=transformer", "dataset=tokens", "model.hidden=30"], "not divisible by model.heads=4"),
     ],
 )
 def test_validation_rejects(overrides, message):
