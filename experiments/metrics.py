@@ -10,6 +10,8 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from experiments.log import file_logger
+
 METRICS_FILE = "metrics.json"
 
 
@@ -47,7 +49,8 @@ class Recorder:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
-        elif self.rank == 0 and (step % self.log_every == 0 or step == 1 or step == self.total):
+            log = file_logger()
+        if self.rank == 0 and (step % self.log_every == 0 or step == 1 or step == self.total):
             log.info(
                 "step %d/%d loss %.5f step_time %.4fs samples/s %.1f",
                 step,
