@@ -46,13 +46,14 @@ class Job:
     def theory(self, key: str) -> float | None:
         return self.m.get("theory", {}).get(key)
 
-    def wire(self, prefix: str) -> float | None:
+    def measured_wire(self) -> float | None:
+        return self.rank_mean("comm/total_wire_bytes")
+
+    def theory_wire(self) -> float | None:
         keys = [
             k for k in self.m.get("theory", {}) if k.startswith("theory/comm/") and k.endswith("_wire_bytes")
         ]
-        if prefix == "theory/":
-            return sum(self.m["theory"][k] for k in keys) if keys else None
-        return self.rank_mean("comm/total_wire_bytes")
+        return sum(self.m["theory"][k] for k in keys) if keys else None
 
 
 def tb_losses(job_dir: Path) -> list[float]:
@@ -113,7 +114,7 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
         ref_thr = base.get(j.m["strategy"], single)
         ref = _reference(j, jobs)
         mem, mem_t = j.rank_max("mem/model_state_bytes"), j.theory("theory/mem/model_state_bytes")
-        wire, wire_t = j.wire("comm/"), j.wire("theory/")
+        wire, wire_t = j.measured_wire(), j.theory_wire()
         bubble, bubble_t = (
             j.rank_mean("pipeline/bubble_fraction"),
             j.theory("theory/pipeline/bubble_fraction"),
@@ -207,11 +208,11 @@ def plot_memory(jobs: list[Job], path: Path) -> None:
 
 
 def plot_comm(jobs: list[Job], path: Path) -> None:
-    js = [j for j in jobs if j.wire("comm/") is not None]
+    js = [j for j in jobs if j.measured_wire() is not None]
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(js) + 2), 4.5))
     xs = range(len(js))
-    ax.bar([x - 0.2 for x in xs], [(j.wire("comm/") or 0) / MiB for j in js], 0.4, label="measured")
-    ax.bar([x + 0.2 for x in xs], [(j.wire("theory/") or 0) / MiB for j in js], 0.4, label="theory (ring)")
+    ax.bar([x - 0.2 for x in xs], [(j.measured_wire() or 0) / MiB for j in js], 0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [(j.theory_wire() or 0) / MiB for j in js], 0.4, label="theory (ring)")
     ax.set_xticks(list(xs), [j.label for j in js], rotation=45, ha="right", fontsize=8)
     ax.set(ylabel="MiB sent per rank per step", title="Communication per step: measured vs predicted")
     ax.legend()

@@ -22,7 +22,6 @@ from experiments.measure import (
     GatheredParams,
     counting,
     local_optimizer,
-    local_tensors,
     optimizer_state_bytes,
     peak_flops_per_s,
     peak_memory_bytes,
@@ -103,7 +102,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
     sizes = ModelSizes(psi, elem, assigned_psi=owned_psi)
     theory = predict(cfg, degrees, sizes, local_samples, spec.seq_len)
-    gathered = GatheredParams(par.model, set())
+    gathered = GatheredParams(par.model)
     peak_flops = peak_flops_per_s(device, t)
     flops_per_step = training_flops_per_token(psi) * t.global_batch_size * max(1, tokens_per_sample)
 
@@ -125,9 +124,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         # Sampled steps run under the comm counter and memory probes; the others are timed clean.
         measured = t.measure_every > 0 and (step == min(2, t.steps) or step % t.measure_every == 0)
         counter = CommCounter() if measured else None
-        if measured:
-            gathered.at_rest = {p.untyped_storage().data_ptr() for p in local_tensors(par.model.parameters())}
-        gathered.armed = measured
+        gathered.arm(measured)
         t0 = time.perf_counter()
         data_time = fb_time = 0.0
         losses: list[Tensor] = []
@@ -204,6 +201,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     dist.gather_object(mine, ranks, dst=0)
     if env.rank == 0:
         assert ranks is not None
+        pipelined = get_spec(cfg.strategy.name).needs_stages
         step_time = rec.steady_step_time()
         metrics = {
             "strategy": cfg.strategy.name,
@@ -216,8 +214,8 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
             "global_batch_size": t.global_batch_size,
             "grad_accum_steps": t.grad_accum_steps,
             "precision": t.precision,
-            "schedule": cfg.strategy.schedule if get_spec(cfg.strategy.name).needs_stages else None,
-            "microbatches": cfg.strategy.microbatches if get_spec(cfg.strategy.name).needs_stages else None,
+            "schedule": cfg.strategy.schedule if pipelined else None,
+            "microbatches": cfg.strategy.microbatches if pipelined else None,
             "steps": t.steps,
             "params": psi,
             "losses": rec.losses,

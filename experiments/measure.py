@@ -88,12 +88,8 @@ class CommCounter(TorchDispatchMode):
             op = _OPS.get(func._opname)
             if op is not None:
                 collective, payload = op
-                if payload == "output":
-                    size = _nbytes(args[0])
-                elif payload == "input":
-                    size = _nbytes(args[1] if func.namespace == "c10d" else args[0])
-                else:
-                    size = _nbytes(args[0])
+                # c10d's reduce-scatter takes (output, input); everything else leads with the payload.
+                size = _nbytes(args[1] if payload == "input" and func.namespace == "c10d" else args[0])
                 n = _group_size(tuple(args) + tuple((kwargs or {}).values()))
                 self.calls[collective] += 1
                 self.bytes[collective] += size
@@ -111,19 +107,9 @@ class CommCounter(TorchDispatchMode):
         out["comm/total_wire_bytes"] = sum(self.wire.values())
         return out
 
-    def pause(self) -> AbstractContextManager:
-        """Leave the mode for bookkeeping collectives (loss and grad-norm reductions)."""
-        from torch.utils._python_dispatch import _disable_current_modes
-
-        return _disable_current_modes()
-
 
 def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def local_tensors(tensors: Iterable[Tensor]) -> Iterable[Tensor]:
-    return (_local(t) for t in tensors)
 
 
 def storage_bytes(tensors: Iterable[Tensor | None], seen: set[int] | None = None) -> int:
@@ -158,11 +144,18 @@ class GatheredParams:
     forward hook on the root, registered after fully_shard's own hooks, sees what stays gathered.
     """
 
-    def __init__(self, model: nn.Module, at_rest: set[int]) -> None:
-        self.at_rest = at_rest
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.at_rest: set[int] = set()
         self.bytes = 0
         self.armed = False
-        self.handle = model.register_forward_hook(self._hook)
+        model.register_forward_hook(self._hook)
+
+    def arm(self, on: bool) -> None:
+        """Watch the next forward; what is stored at rest now (the shards) is not counted as gathered."""
+        self.armed = on
+        if on:
+            self.at_rest = {_local(p).untyped_storage().data_ptr() for p in self.model.parameters()}
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         if self.armed:

@@ -6,26 +6,20 @@ replication; the pipeline split wraps both (split first, then the rest per stage
 
 from __future__ import annotations
 
-import functools
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from models.staged import StagedModel
-from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
+from parallel.base import Parallelized, StrategyContext
 from parallel.ddp import wrap_ddp
-from parallel.fsdp import shard_model
+from parallel.fsdp import apply_fsdp, shard_model
 from parallel.pipeline import Stage, apply_pipeline
 from parallel.tensor import tensor_parallelize
 
 
 def apply_fsdp_tp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
     tensor_parallelize(model, mesh["tp"], ctx.cfg.strategy.sequence_parallel)
-    shard_model(model, mesh["dp_shard"], ctx)
-    return Parallelized(
-        model=model,
-        forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
-    )
+    return apply_fsdp(model, mesh, ctx)
 
 
 def apply_ddp_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:

@@ -53,8 +53,3 @@ def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def max_rel_dev(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b), (len(a), len(b))
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
