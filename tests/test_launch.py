@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -64,6 +65,7 @@ def test_default_experiment_learns(tmp_path):
             "model=resnet18",
             "dataset=fake_images",
             "dataset.input_shape=[3,32,32]",
+            "train.lr=0.01",
         ],
         [
             "strategy=ddp",
@@ -71,6 +73,7 @@ def test_default_experiment_learns(tmp_path):
             "dataset=fake_images",
             "dataset.input_shape=[1,28,28]",
             "model.channels=4",
+            "train.lr=0.05",
         ],
         [
             "strategy=fsdp",
@@ -82,9 +85,18 @@ def test_default_experiment_learns(tmp_path):
     ids=["resnet18", "cnn-ddp", "fsdp-bf16-policy"],
 )
 def test_more_models_and_options_train(tmp_path, overrides):
-    tiny = [o for o in TINY if not o.startswith("dataset.input_shape")]
-    m = run_case([*tiny, "train.global_batch_size=8", *overrides], tmp_path / "job")
-    assert len(m["losses"]) == 6 and all(0 < v < 20 for v in m["losses"])
+    """Fit one fixed batch at a stable learning rate: what holds on any CPU, and fails if training is broken.
+
+    A bound on a diverging run (ResNet-18 with BatchNorm at lr 0.1) depends on the CPU's float kernels;
+    the loss of a freshly initialised classifier and the fall of a stable run do not.
+    """
+    tiny = [o for o in TINY if not o.startswith(("dataset.input_shape", "train.steps", "dataset.num_samples"))]
+    batch = ["train.global_batch_size=8", "dataset.num_samples=8", "train.steps=10"]
+    m = run_case([*tiny, *batch, *overrides], tmp_path / "job")
+    losses = m["losses"]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses), losses
+    assert abs(losses[0] - math.log(10)) < 1.0, f"first loss {losses[0]} is far from ln(10): a broken init"
+    assert losses[-1] < 0.9 * losses[0], f"one fixed batch was not fitted: {losses}"
 
 
 def test_local_launcher_runs_in_process(tmp_path):
