@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from data.sampler import ShardedBatchSampler
@@ -54,10 +56,24 @@ def build_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
 
 
 def make_loader(
-    dataset: Dataset, cfg: DatasetConfig, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int
-) -> DataLoader:
-    sampler = ShardedBatchSampler(len(dataset), global_micro_batch, dp_rank, dp_size, seed, cfg.shuffle)  # type: ignore[arg-type]
-    if isinstance(dataset, TensorDataset | TokenWindows):
-        # In-memory tensors index a whole batch at once: one gather instead of stacking per sample.
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=cfg.num_workers)
+    dataset: Dataset,
+    cfg: DatasetConfig,
+    global_micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    start: int = 0,
+) -> Iterable[tuple[Tensor, Tensor]]:
+    sampler = ShardedBatchSampler(
+        len(dataset),  # type: ignore[arg-type]
+        global_micro_batch,
+        dp_rank,
+        dp_size,
+        seed,
+        cfg.shuffle,
+        start,
+    )
+    if isinstance(dataset, TensorDataset | TokenWindows) and cfg.num_workers == 0:
+        # In-memory tensors index a whole batch at once: one gather, no DataLoader machinery.
+        return (dataset[idx] for idx in sampler.index_batches())
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)

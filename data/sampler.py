@@ -16,21 +16,34 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, n: int, global_micro_batch: int, dp_rank: int, dp_size: int, seed: int, shuffle: bool
+        self,
+        n: int,
+        global_micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        shuffle: bool,
+        start: int = 0,
     ) -> None:
         if n < global_micro_batch:
             raise ValueError(f"dataset has {n} samples, fewer than one batch of {global_micro_batch}")
         self.n, self.batch, self.seed, self.shuffle = n, global_micro_batch, seed, shuffle
         self.local = global_micro_batch // dp_size
         self.offset = dp_rank * self.local
+        self.start = start  # micro-batches already drawn (a resumed run continues the same stream)
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = 0
+        return (idx.tolist() for idx in self.index_batches())
+
+    def index_batches(self) -> Iterator[torch.Tensor]:
+        """The same batches as index tensors, for datasets that index a whole batch at once."""
+        per_epoch = self.n // self.batch
+        epoch, skip = divmod(self.start, per_epoch)
         while True:
             if self.shuffle:
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
             else:
                 order = torch.arange(self.n)
-            for start in range(0, self.n - self.batch + 1, self.batch):
-                yield order[start + self.offset : start + self.offset + self.local].tolist()
-            epoch += 1
+            for start in range(skip * self.batch, self.n - self.batch + 1, self.batch):
+                yield order[start + self.offset : start + self.offset + self.local]
+            epoch, skip = epoch + 1, 0

@@ -37,9 +37,9 @@ class TokenWindows(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int | list[int]) -> tuple[Tensor, Tensor]:
-        """One window, or a batch of them for a list of indices."""
+    def __getitem__(self, i: int | list[int] | Tensor) -> tuple[Tensor, Tensor]:
+        """One window, or a batch of them for a list or tensor of indices."""
         starts = torch.as_tensor(i).reshape(-1, 1) * self.seq_len
         rows = self.stream[starts + torch.arange(self.seq_len + 1)]
         x, y = rows[:, :-1], rows[:, 1:]
-        return (x, y) if isinstance(i, list) else (x[0], y[0])
+        return (x[0], y[0]) if isinstance(i, int) else (x, y)

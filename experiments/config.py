@@ -26,15 +26,20 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adamw
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Clip the global gradient norm to this value (0 = off). One all-reduce of one scalar per step.
+    grad_clip: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = True
     # Save the final model with torch.distributed.checkpoint (sharded, reshardable).
     save_checkpoint: bool = False
-    # Count communication and memory on step 2 and every `measure_every` steps (0 = never). The
+    # Count communication and memory on step 3 and every `measure_every` steps (0 = never). The
     # counter sees every op, so these steps are left out of the reported throughput.
     measure_every: int = 50
+    # CUDA only: torch.cuda.set_sync_debug_mode("error") over the clean steps between log steps, so
+    # any host sync the loop or a strategy adds there raises instead of stalling silently.
+    check_syncs: bool = False
     # Peak dense TFLOP/s of one device for MFU; 0 = look it up by GPU name (no MFU on CPU).
     peak_tflops: float = 0.0
 

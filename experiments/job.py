@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments import worker
 from experiments.config import Config, ConfigError, save_frozen
-from experiments.metrics import METRICS_FILE, read_metrics
+from experiments.record import METRICS_FILE, RunRecord
 from experiments.validate import validate
 from parallel.launch import launch
 
@@ -101,4 +101,4 @@ def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:
     launch(typed.launcher, job_dir)
     if typed.launcher.name == "slurm" or not (job_dir / METRICS_FILE).exists():
         return None
-    return read_metrics(job_dir)["final_loss"]
+    return RunRecord.read(job_dir).final_loss

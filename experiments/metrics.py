@@ -1,18 +1,15 @@
-"""Per-rank TensorBoard scalars and rank 0's metrics.json."""
+"""Per-rank TensorBoard scalars, the HParams entry and the Custom Scalars layout."""
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
 from experiments.log import file_logger
-
-METRICS_FILE = "metrics.json"
+from experiments.record import RunRecord, Tag
 
 
 def tb_dir(job_dir: Path, rank: int) -> Path:
@@ -20,104 +17,94 @@ def tb_dir(job_dir: Path, rank: int) -> Path:
     return job_dir / "tb" / f"rank{rank}"
 
 
-class Recorder:
-    """Collects one rank's step metrics; rank 0 also keeps the loss trajectory for metrics.json."""
+class TensorBoardSink:
+    """One rank's TensorBoard writer, plus rank 0's progress bar and step lines in train.log.
 
-    def __init__(self, job_dir: Path, rank: int, total_steps: int, log_every: int) -> None:
-        self.job_dir, self.rank, self.total, self.log_every = job_dir, rank, total_steps, log_every
+    Building each scalar's protobuf costs tens of microseconds of Python: one worker thread does
+    it, in order, while the training thread goes on (mostly inside torch ops that release the GIL).
+    """
+
+    def __init__(self, job_dir: Path, rank: int, total_steps: int) -> None:
+        self.rank, self.total = rank, total_steps
         self.writer = SummaryWriter(str(tb_dir(job_dir, rank)))
-        self.losses: list[float] = []
-        self.step_times: list[float] = []
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paralab-tb")
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
+        self.shown = 0
 
-    def step(self, step: int, loss: float, scalars: dict[str, float], log, measured: bool = False) -> None:
-        self.losses.append(loss)
-        if not measured and step > 1:  # step 1 pays for warm-up and lazy init
-            self.step_times.append(scalars["perf/step_time_s"])
-        self.writer.add_scalar("loss/train", loss, step)
-        for tag, value in scalars.items():
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.pool.submit(self._write, step, dict(values))
+
+    def series(self, first_step: int, values: dict[str, list[float]]) -> None:
+        """Per-step values of a log interval, each at its own step number."""
+        self.pool.submit(self._write_series, first_step, values)
+
+    def _write(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
-            if step > 1:
-                self.sums[tag] = self.sums.get(tag, 0.0) + value
-                self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def _write_series(self, first_step: int, values: dict[str, list[float]]) -> None:
+        for tag, series in values.items():
+            for i, value in enumerate(series):
+                self.writer.add_scalar(tag, value, first_step + i)
+
+    def log_step(self, step: int, total: int, loss: float, perf: dict[str, float], log) -> None:
+        if self.rank != 0:
+            return
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(step - self.shown)
             self.bar.set_postfix(loss=f"{loss:.4f}")
-            log = file_logger()
-        if self.rank == 0 and (step % self.log_every == 0 or step == 1 or step == self.total):
-            log.info(
-                "step %d/%d loss %.5f step_time %.4fs samples/s %.1f",
-                step,
-                self.total,
-                loss,
-                scalars["perf/step_time_s"],
-                scalars["perf/samples_per_s"],
-            )
-
-    def steady_step_time(self) -> float:
-        """Median time of the clean steps (not the first, not the instrumented ones)."""
-        return statistics.median(self.step_times) if self.step_times else float("nan")
-
-    def means(self) -> dict[str, float]:
-        return {tag: self.sums[tag] / self.counts[tag] for tag in self.sums}
+            log = file_logger()  # the bar owns the terminal; train.log keeps the step lines
+        self.shown = step
+        timing = ""
+        if Tag.STEP_TIME in perf:
+            timing = f" step_time {perf[Tag.STEP_TIME]:.4f}s samples/s {perf[Tag.SAMPLES]:.1f}"
+        log.info("step %d/%d loss %.5f%s", step, total, loss, timing)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.pool.shutdown(wait=True)  # every queued scalar is written before the file closes
         self.writer.close()
 
 
 # Overlay the same metric across every job of a sweep (TensorBoard's Custom Scalars tab).
 LAYOUT = {
     "paralab": {
-        "loss": ["Multiline", ["loss/train"]],
-        "throughput": ["Multiline", ["perf/samples_per_s", "perf/tokens_per_s"]],
-        "step time": ["Multiline", ["perf/step_time_s", "perf/data_time_s"]],
+        "loss": ["Multiline", [Tag.LOSS]],
+        "throughput": ["Multiline", [Tag.SAMPLES, Tag.TOKENS]],
+        "step time": ["Multiline", [Tag.STEP_TIME, Tag.DATA_TIME]],
         "model-state memory, measured vs theory": [
             "Multiline",
-            ["mem/model_state_bytes", "theory/mem/model_state_bytes"],
+            [Tag.MODEL_STATE_BYTES, Tag.THEORY_MODEL_STATE],
         ],
         "communication sent per step, measured vs theory": [
             "Multiline",
-            [r"comm/\w+_wire_bytes", r"theory/comm/\w+_wire_bytes"],
+            [Tag.comm(r"\w+", "wire_bytes"), Tag.theory_comm(r"\w+", "wire_bytes")],
         ],
-        "pipeline bubble": ["Multiline", ["pipeline/bubble_fraction", "theory/pipeline/bubble_fraction"]],
+        "pipeline bubble": ["Multiline", [Tag.BUBBLE, Tag.THEORY_BUBBLE]],
     }
 }
 
 
-def write_hparams(job_dir: Path, metrics: dict[str, Any]) -> None:
+def write_hparams(job_dir: Path, record: RunRecord) -> None:
     """One HParams entry per job (its own run dir, so no second writer shares a rank's folder)."""
     hparams = {
-        "strategy": metrics["strategy"],
-        "world_size": metrics["world_size"],
-        **{f"degree/{k}": v for k, v in metrics["degrees"].items()},
-        "model": metrics["model"],
-        "global_batch_size": metrics["global_batch_size"],
-        "precision": metrics["precision"],
+        "strategy": record.strategy,
+        "world_size": record.world_size,
+        **{f"degree/{k}": v for k, v in record.degrees.items()},
+        "model": record.model,
+        "global_batch_size": record.global_batch_size,
+        "precision": record.precision,
     }
-    peaks = [r.get("mem/peak_rss_bytes", r.get("mem/cuda_peak_allocated_bytes", 0)) for r in metrics["ranks"]]
     results = {
-        "hparam/samples_per_s": metrics["samples_per_s"],
-        "hparam/final_loss": metrics["final_loss"],
-        "hparam/peak_memory_bytes": float(max(peaks, default=0)),
+        "hparam/samples_per_s": record.samples_per_s,
+        "hparam/final_loss": record.final_loss,
+        "hparam/peak_memory_bytes": record.peak_memory_bytes(),
     }
     with SummaryWriter(str(job_dir / "tb" / "hparams")) as w:
         w.add_hparams(hparams, results, run_name=".")
         w.add_custom_scalars(LAYOUT)
-
-
-def write_metrics(job_dir: Path, metrics: dict[str, Any]) -> None:
-    tmp = job_dir / (METRICS_FILE + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(job_dir / METRICS_FILE)
-
-
-def read_metrics(job_dir: Path) -> dict[str, Any]:
-    return json.loads((job_dir / METRICS_FILE).read_text())

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import Config, register_configs
 from experiments.job import execute
-from experiments.metrics import read_metrics
+from experiments.record import read_metrics
 from experiments.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

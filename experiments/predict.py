@@ -10,9 +10,12 @@ ranks rather than an even split. Elsewhere the two agree exactly.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from experiments.config import Config
+from experiments.record import Tag
 from experiments.theory import (
     Precision,
     bubble_relative_to_ideal,
@@ -21,8 +24,7 @@ from experiments.theory import (
     zero_model_state_bytes,
 )
 from parallel.mesh import Degrees
-
-ZERO_STAGE_OF = {"ddp": "dp", "single": "dp", "dp": "dp", "zero1": "os", "zero2": "os+g", "zero3": "os+g+p"}
+from parallel.pipeline import stage_ids, stages_per_rank
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,29 @@ class ModelSizes:
     psi: int  # parameters of the whole model
     param_bytes: int  # bytes per parameter element (4 for fp32 weights)
     assigned_psi: int | None = None  # ZeRO-1: parameters whose optimizer state this rank owns
+    shapes: tuple[tuple[int, ...], ...] = ()  # every parameter's shape, for FSDP's padding
+
+    def padded_psi(self, n: int) -> int:
+        """Elements FSDP2 moves: each parameter's dim 0 padded up to a multiple of n ranks."""
+        if not self.shapes:
+            return self.psi
+        return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in self.shapes)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One rank of one run, as the formulas see it."""
+
+    cfg: Config
+    degrees: Degrees
+    sizes: ModelSizes
+    local_batch: int  # samples per data-parallel rank per optimizer step
+    seq_len: int
+    pp_rank: int = 0
+
+
+# (collective -> (payload bytes S per step, group size)), or None where there is no prediction.
+CommTheory = Callable[[Setting], dict[str, tuple[float, int]] | None]
 
 
 def optimizer_state_bytes_per_param(cfg: Config) -> int:
@@ -38,19 +63,12 @@ def optimizer_state_bytes_per_param(cfg: Config) -> int:
     return 4 if cfg.train.momentum else 0
 
 
-def _zero_stage(cfg: Config) -> str | None:
-    name = cfg.strategy.name
-    if name == "fsdp":
-        return "os+g+p" if cfg.strategy.reshard_after_forward else "os+g"
-    return ZERO_STAGE_OF.get(name)
-
-
-def memory(cfg: Config, d: Degrees, m: ModelSizes) -> dict[str, float]:
-    stage = _zero_stage(cfg)
+def memory(stage: str | None, x: Setting) -> dict[str, float]:
+    d, m = x.degrees, x.sizes
     if stage is None or d.tp * d.pp > 1:
         return {}
     n, b = d.dp, m.param_bytes
-    k = optimizer_state_bytes_per_param(cfg)
+    k = optimizer_state_bytes_per_param(x.cfg)
     psi = m.psi
     if stage == "dp":
         cats = {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * psi}
@@ -66,60 +84,123 @@ def memory(cfg: Config, d: Degrees, m: ModelSizes) -> dict[str, float]:
             "grads": b * psi / n,
             "optim": k * psi / n,
         }
-    out = {f"theory/mem/{c}_bytes": v for c, v in cats.items()}
-    out["theory/mem/model_state_bytes"] = sum(cats.values())
-    out["theory/mem/paper_model_state_bytes"] = zero_model_state_bytes(stage, psi, n, Precision(b, b, k))
+    out = {Tag.theory_mem(c): v for c, v in cats.items()}
+    out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
+    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, psi, n, Precision(b, b, k))
     return out
 
 
-def communication(cfg: Config, d: Degrees, m: ModelSizes, local_batch: int, seq_len: int) -> dict[str, float]:
-    """Payload bytes S per collective per step, and the ring bytes this rank sends for them."""
-    name, a, b = cfg.strategy.name, cfg.train.grad_accum_steps, m.param_bytes
-    payload: dict[str, tuple[float, int]] = {}
-    stage = _zero_stage(cfg)
-    if d.tp * d.pp == 1 and stage in ("dp", "os") and name != "dp" and name != "single":
-        payload["all_reduce"] = (
-            b * m.psi,
-            d.dp,
-        )  # every gradient once per step (no_sync on inner micro-steps)
-        if stage == "os":
-            payload["broadcast"] = (b * m.psi, d.dp)  # each updated parameter, from its owner
-    elif d.tp * d.pp == 1 and stage in ("os+g", "os+g+p"):
-        # Forward gathers every parameter; ZeRO-3 gathers them all again for backward (ZeRO §7).
-        gathers = 2 if stage == "os+g+p" else 1
-        payload["all_gather"] = (b * a * gathers * m.psi, d.dp)
-        payload["reduce_scatter"] = (b * m.psi, d.dp)
-    elif name == "tp":
-        h = cfg.model.hidden
-        # Megatron: one all-reduce per column→row pair forward and one backward; a transformer
-        # layer has two pairs (attention, MLP), the MLP block one.
-        pairs = 2 if cfg.model.name == "transformer" else 1
-        tokens = local_batch * (seq_len if cfg.model.name == "transformer" else 1) // a
-        payload["all_reduce"] = (4 * a * 2 * pairs * cfg.model.layers * tokens * h, d.tp)
-    out: dict[str, float] = {}
-    for coll, (size, n) in payload.items():
-        out[f"theory/comm/{coll}_bytes"] = size
-        out[f"theory/comm/{coll}_wire_bytes"] = ring_bytes(coll, size, n)
-    return out
+# ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
 
 
-def bubble(cfg: Config, d: Degrees) -> dict[str, float]:
-    s = cfg.strategy
-    if s.name not in ("pp", "mp", "ddp_pp", "fsdp_tp_pp") or s.schedule not in (
-        "gpipe",
-        "1f1b",
-        "interleaved1f1b",
-    ):
-        return {}
-    from parallel.pipeline import stages_per_rank
+def no_comm(x: Setting) -> dict[str, tuple[float, int]]:
+    return {}
 
-    v = stages_per_rank(s.schedule, s.stages_per_rank)
-    m = s.microbatches * cfg.train.grad_accum_steps
+
+def ddp_comm(x: Setting) -> dict[str, tuple[float, int]]:
+    # Every gradient once per step: no_sync keeps the inner micro-steps local.
+    return {"all_reduce": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp)}
+
+
+def zero1_comm(x: Setting) -> dict[str, tuple[float, int]]:
+    # DDP's all-reduce, then each updated parameter broadcast from the rank that owns its state.
+    return {**ddp_comm(x), "broadcast": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp)}
+
+
+def fsdp_comm(x: Setting) -> dict[str, tuple[float, int]]:
+    # Forward gathers every parameter on each micro-step; ZeRO-3 gathers them again for backward
+    # (ZeRO §7). Gradients are reduce-scattered once per step. FSDP2 pads dim 0 to the world.
+    n, b = x.degrees.dp, x.sizes.param_bytes
+    padded = x.sizes.padded_psi(n)
+    gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
     return {
-        "theory/pipeline/bubble_fraction": bubble_share_of_total(d.pp, m, v),
-        "theory/pipeline/bubble_relative_to_ideal": bubble_relative_to_ideal(d.pp, m, v),
+        "all_gather": (b * x.cfg.train.grad_accum_steps * gathers * padded, n),
+        "reduce_scatter": (b * padded, n),
     }
 
 
-def predict(cfg: Config, d: Degrees, m: ModelSizes, local_batch: int, seq_len: int) -> dict[str, float]:
-    return {**memory(cfg, d, m), **communication(cfg, d, m, local_batch, seq_len), **bubble(cfg, d)}
+def tp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
+    # Megatron: one all-reduce per column→row pair forward and one backward; a transformer layer
+    # has two pairs (attention, MLP), the MLP block one.
+    cfg = x.cfg
+    if cfg.strategy.sequence_parallel:
+        return None
+    h, a = cfg.model.hidden, cfg.train.grad_accum_steps
+    transformer = cfg.model.name == "transformer"
+    pairs = 2 if transformer else 1
+    tokens = x.local_batch * (x.seq_len if transformer else 1) // a
+    return {"all_reduce": (4 * a * 2 * pairs * cfg.model.layers * tokens * h, x.degrees.tp)}
+
+
+def _boundary_features(cfg: Config, seq_len: int) -> int | None:
+    """Elements per sample that cross a stage boundary (the blocks' output), where it is one shape."""
+    if cfg.model.name == "mlp":
+        return cfg.model.hidden
+    if cfg.model.name == "transformer":
+        return seq_len * cfg.model.hidden
+    return None
+
+
+def pp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
+    """Activations forward and their gradients back, at each boundary between two ranks' stages."""
+    cfg, pp = x.cfg, x.degrees.pp
+    features = _boundary_features(cfg, x.seq_len)
+    if features is None or cfg.train.precision != "fp32":
+        return None
+    s = cfg.strategy
+    v = stages_per_rank(s.schedule, s.stages_per_rank)
+    owner = {sid: r for r in range(pp) for sid in stage_ids(r, pp, v, s.schedule)}
+    n_micro = s.microbatches * cfg.train.grad_accum_steps
+    per_micro = x.local_batch // n_micro * features * 4
+    sent = received = 0
+    for i in range(pp * v - 1):
+        a, b = owner[i], owner[i + 1]
+        if a == b:
+            continue  # two stages on one rank hand over in memory
+        if x.pp_rank in (a, b):  # forward one way, backward the other
+            sent += n_micro * per_micro
+            received += n_micro * per_micro
+    return {"send": (sent, 2), "recv": (received, 2)} if sent else {}
+
+
+def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
+    """Payload bytes S per collective per step, and the ring bytes this rank sends for them."""
+    payload = theory(x) if theory is not None else None
+    if payload is None:
+        return {}
+    world = x.degrees.world_size
+    if x.cfg.train.grad_clip > 0 and world > 1:
+        # Clipping needs the global norm every step: one fp32 scalar, summed over the world.
+        size, n = payload.get("all_reduce", (0.0, world))
+        payload = {**payload, "all_reduce": (size + 4, n)}
+        clip_wire = ring_bytes("all_reduce", 4, world) - ring_bytes("all_reduce", 4, n)
+    else:
+        clip_wire = 0.0
+    out: dict[str, float] = {}
+    for coll, (size, n) in payload.items():
+        out[Tag.theory_comm(coll, "bytes")] = size
+        out[Tag.theory_comm(coll, "wire_bytes")] = ring_bytes(coll, size, n)
+    if clip_wire:
+        out[Tag.theory_comm("all_reduce", "wire_bytes")] += clip_wire
+    return out
+
+
+def bubble(x: Setting) -> dict[str, float]:
+    s = x.cfg.strategy
+    if s.schedule not in ("gpipe", "1f1b", "interleaved1f1b"):
+        return {}
+    v = stages_per_rank(s.schedule, s.stages_per_rank)
+    m = s.microbatches * x.cfg.train.grad_accum_steps
+    return {
+        Tag.THEORY_BUBBLE: bubble_share_of_total(x.degrees.pp, m, v),
+        Tag.THEORY_BUBBLE_RELATIVE: bubble_relative_to_ideal(x.degrees.pp, m, v),
+    }
+
+
+def predict(spec, x: Setting) -> dict[str, float]:
+    """Every prediction for one rank of a run, from its strategy's registry entry."""
+    return {
+        **memory(spec.zero_stage(x.cfg.strategy), x),
+        **communication(spec.comm, x),
+        **(bubble(x) if spec.pipelined else {}),
+    }

@@ -34,8 +34,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
     _choice("train.device", t.device, DEVICES)
     for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
         _positive(f"train.{key}", getattr(t, key))
-    if t.lr <= 0:
+    if not t.lr > 0:  # also rejects nan
         raise ConfigError(f"train.lr={t.lr} must be > 0")
+    if not t.grad_clip >= 0:
+        raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping)")
     for key, value in [
         ("train.measure_every", t.measure_every),
         ("train.warmup_steps", t.warmup_steps),
@@ -73,7 +75,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
             )
 
     spec = get_spec(cfg.strategy.name)
-    preset = {"zero2": False, "zero3": True}.get(cfg.strategy.name)
+    preset = spec.fixed_reshard
     if preset is not None and cfg.strategy.reshard_after_forward != preset:
         raise ConfigError(
             f"strategy={cfg.strategy.name} means reshard_after_forward={str(preset).lower()}; "
@@ -98,7 +100,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
         raise ConfigError(
             f"dataset.num_samples={cfg.dataset.num_samples} is smaller than train.global_batch_size={t.global_batch_size}"
         )
-    if spec.needs_tp_plan or spec.needs_stages:
+    if spec.needs_tp_plan or spec.pipelined:
         from parallel.plans import check_plans
 
         check_plans(cfg, degrees, spec)

@@ -44,6 +44,8 @@ class Parallelized:
     pp_group: torch.distributed.ProcessGroup | None = None
     # Pipelines: seconds this rank spent computing since the last call (for the measured bubble).
     busy_seconds: Callable[[], float] | None = None
+    # Run once per step after the last backward, before the norm and the optimizer see the grads.
+    after_backward: Callable[[], None] | None = None
     notes: list[str] = field(default_factory=list)
 
 

@@ -163,13 +163,3 @@ def apply_pipeline(
         pp_group=pp_mesh.get_group() if pp > 1 else None,
         busy_seconds=clock.take,
     )
-
-
-def apply_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    return apply_pipeline(model, mesh, ctx)
-
-
-def apply_mp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    # The naive split: consecutive layer groups on consecutive ranks, one whole batch at a time. It
-    # is GPipe with a single microbatch, so only one rank computes at any moment.
-    return apply_pipeline(model, mesh, ctx)

@@ -34,16 +34,18 @@ def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
             raise ConfigError(
                 f"tp degree {degrees.tp} does not divide dataset.seq_len = {cfg.dataset.seq_len}"
             )
-    if spec.needs_stages:
-        _check_pipeline(cfg, degrees)
+    if spec.pipelined:
+        _check_pipeline(cfg, degrees, spec)
 
 
-def _check_pipeline(cfg: Config, degrees: Degrees) -> None:
+def _check_pipeline(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
     s, t = cfg.strategy, cfg.train
     if s.schedule not in SCHEDULES:
         raise ConfigError(f"strategy.schedule={s.schedule} is not one of: {', '.join(SCHEDULES)}")
-    if s.name == "mp" and (s.microbatches != 1 or s.schedule != "gpipe"):
-        raise ConfigError("strategy=mp runs one whole batch at a time; for microbatches use strategy=pp")
+    if spec.one_batch and (s.microbatches != 1 or s.schedule != "gpipe"):
+        raise ConfigError(
+            f"strategy={s.name} runs one whole batch at a time (gpipe, 1 microbatch); for microbatches use strategy=pp"
+        )
     v = stages_per_rank(s.schedule, s.stages_per_rank)
     multi = is_multi_stage(s.schedule)
     if multi and v < 2:

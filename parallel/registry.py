@@ -1,72 +1,98 @@
-"""Every strategy by name: its apply_* function and how it uses the mesh."""
+"""Every strategy by name: its apply_* function, how it uses the mesh, and its traits.
+
+A strategy is one file with an apply_* function plus one entry here. Nothing else in paralab
+branches on a strategy's name: validation, the theory and the report read these traits.
+"""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experiments.config import ConfigError
+from experiments.config import ConfigError, StrategyConfig
+from experiments.predict import CommTheory, ddp_comm, fsdp_comm, no_comm, pp_comm, tp_comm, zero1_comm
+from parallel.dataparallel import apply_dp
+from parallel.ddp import apply_ddp
+from parallel.fsdp import apply_fsdp
+from parallel.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
+from parallel.pipeline import apply_pipeline
+from parallel.single import apply_single
+from parallel.tensor import apply_tp
+from parallel.zero import apply_zero1
+
+# The one strategy every other is checked against.
+REFERENCE = "single"
 
 
 @dataclass(frozen=True)
 class StrategySpec:
-    apply: str  # "module:function", imported when the worker applies it
+    apply: Callable  # apply_x(model, mesh, ctx) -> Parallelized
     # Mesh dim that takes the world size left after the configured degrees; None = one process only.
     fill: str | None
     configured: frozenset[str] = frozenset()  # degrees read from strategy.tp / strategy.pp
     needs_tp_plan: bool = False
-    needs_stages: bool = False
+    pipelined: bool = False
+    # One whole batch per step through the stages (the naive layer split): no microbatches.
+    one_batch: bool = False
+    # ZeRO stage of its model-state memory ("dp", "os", "os+g", "os+g+p"); None = no ZeRO accounting.
+    # "fsdp" means: chosen by strategy.reshard_after_forward.
+    stage: str | None = None
+    # zero2/zero3 are FSDP with reshard_after_forward fixed.
+    fixed_reshard: bool | None = None
+    comm: CommTheory | None = None  # its collectives per step; None = not predicted
     shards: str = ""  # for the README table and --help
 
-    def load(self) -> Callable:
-        module, fn = self.apply.split(":")
-        return getattr(importlib.import_module(module), fn)
+    def zero_stage(self, s: StrategyConfig) -> str | None:
+        if self.stage == "fsdp":
+            return "os+g+p" if s.reshard_after_forward else "os+g"
+        return self.stage
 
 
 TP = frozenset({"tp"})
 PP = frozenset({"pp"})
+_FSDP = dict(fill="dp_shard", stage="fsdp", comm=fsdp_comm)
 STRATEGIES: dict[str, StrategySpec] = {
-    "single": StrategySpec("parallel.single:apply_single", None, shards="nothing: the reference run"),
-    "dp": StrategySpec("parallel.dataparallel:apply_dp", None, shards="the batch over GPUs in one process"),
-    "ddp": StrategySpec("parallel.ddp:apply_ddp", "dp_replicate", shards="the batch; grads all-reduced"),
-    "zero1": StrategySpec("parallel.zero:apply_zero1", "dp_replicate", shards="the batch + optimizer state"),
-    "fsdp": StrategySpec(
-        "parallel.fsdp:apply_fsdp", "dp_shard", shards="the batch + optimizer state, grads, params"
+    REFERENCE: StrategySpec(
+        apply_single, None, stage="dp", comm=no_comm, shards="nothing: the reference run"
     ),
+    "dp": StrategySpec(apply_dp, None, stage="dp", shards="the batch over GPUs in one process"),
+    "ddp": StrategySpec(
+        apply_ddp, "dp_replicate", stage="dp", comm=ddp_comm, shards="the batch; grads all-reduced"
+    ),
+    "zero1": StrategySpec(
+        apply_zero1, "dp_replicate", stage="os", comm=zero1_comm, shards="the batch + optimizer state"
+    ),
+    "fsdp": StrategySpec(apply_fsdp, **_FSDP, shards="the batch + optimizer state, grads, params"),
     "zero2": StrategySpec(
-        "parallel.fsdp:apply_fsdp", "dp_shard", shards="the batch + optimizer state, grads"
+        apply_fsdp, **_FSDP, fixed_reshard=False, shards="the batch + optimizer state, grads"
     ),
     "zero3": StrategySpec(
-        "parallel.fsdp:apply_fsdp", "dp_shard", shards="the batch + optimizer state, grads, params"
+        apply_fsdp, **_FSDP, fixed_reshard=True, shards="the batch + optimizer state, grads, params"
     ),
-    "tp": StrategySpec("parallel.tensor:apply_tp", "tp", needs_tp_plan=True, shards="each layer's weights"),
+    "tp": StrategySpec(apply_tp, "tp", needs_tp_plan=True, comm=tp_comm, shards="each layer's weights"),
     "pp": StrategySpec(
-        "parallel.pipeline:apply_pp", "pp", needs_stages=True, shards="layers; microbatches pipelined"
+        apply_pipeline, "pp", pipelined=True, comm=pp_comm, shards="layers; microbatches pipelined"
     ),
     "mp": StrategySpec(
-        "parallel.pipeline:apply_mp", "pp", needs_stages=True, shards="layers; one batch at a time"
+        apply_pipeline,
+        "pp",
+        pipelined=True,
+        one_batch=True,
+        comm=pp_comm,
+        shards="layers; one batch at a time",
     ),
     "fsdp_tp": StrategySpec(
-        "parallel.hybrid:apply_fsdp_tp",
-        "dp_shard",
-        TP,
-        needs_tp_plan=True,
-        shards="batch × FSDP, weights × TP",
+        apply_fsdp_tp, "dp_shard", TP, needs_tp_plan=True, shards="batch × FSDP, weights × TP"
     ),
     "ddp_pp": StrategySpec(
-        "parallel.hybrid:apply_ddp_pp",
-        "dp_replicate",
-        PP,
-        needs_stages=True,
-        shards="batch × DDP, layers × PP",
+        apply_ddp_pp, "dp_replicate", PP, pipelined=True, shards="batch × DDP, layers × PP"
     ),
     "fsdp_tp_pp": StrategySpec(
-        "parallel.hybrid:apply_fsdp_tp_pp",
+        apply_fsdp_tp_pp,
         "dp_shard",
         TP | PP,
         needs_tp_plan=True,
-        needs_stages=True,
+        pipelined=True,
         shards="batch × FSDP, weights × TP, layers × PP",
     ),
 }

@@ -90,7 +90,9 @@ def test_more_models_and_options_train(tmp_path, overrides):
     A bound on a diverging run (ResNet-18 with BatchNorm at lr 0.1) depends on the CPU's float kernels;
     the loss of a freshly initialised classifier and the fall of a stable run do not.
     """
-    tiny = [o for o in TINY if not o.startswith(("dataset.input_shape", "train.steps", "dataset.num_samples"))]
+    tiny = [
+        o for o in TINY if not o.startswith(("dataset.input_shape", "train.steps", "dataset.num_samples"))
+    ]
     batch = ["train.global_batch_size=8", "dataset.num_samples=8", "train.steps=10"]
     m = run_case([*tiny, *batch, *overrides], tmp_path / "job")
     losses = m["losses"]

@@ -62,7 +62,8 @@ class Case:
 
     def __str__(self) -> str:
         model = {tuple(GPT): "gpt", CNN: "cnn"}.get(self.model, "mlp")
-        return "-".join([self.strategy, f"ws{self.world}", model, *(e.split(".")[-1] for e in self.extra)])
+        extra = (f"{k.split('.')[-1]}={v}" for k, v in (e.split("=", 1) for e in self.extra))
+        return "-".join([self.strategy, f"ws{self.world}", model, *extra])
 
 
 G = tuple(GPT)
@@ -89,6 +90,10 @@ MATRIX = [
     Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
     Case("ddp", 4, CNN),
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
+    # Clipping reduces the norm's shares once per step, whatever the sharding.
+    Case("fsdp", 2, extra=("train.grad_clip=0.3",)),
+    Case("tp", 2, G, ("train.grad_clip=0.3",)),
+    Case("pp", 2, G, ("train.grad_clip=0.3",)),
 ]
 FULL = [Case("fsdp_tp_pp", 8, G)]
 
@@ -120,6 +125,11 @@ def check(case: Case, tmp_path: Path, references) -> None:
     tol = tolerance(got["precision"])
     worst = max(deviations(got["losses"], ref["losses"]))
     assert worst <= tol, f"{case}: loss deviates {worst:.2e} > {tol:.0e}\n{got['losses']}\n{ref['losses']}"
+    # The norm is reduced once per log step from each rank's share: it must be the whole gradient's.
+    worst = max(deviations(got["grad_norms"], ref["grad_norms"]))
+    assert worst <= 10 * tol, (
+        f"{case}: grad norm deviates {worst:.2e}\n{got['grad_norms']}\n{ref['grad_norms']}"
+    )
     mine, theirs = full_params(tmp_path / "job", case.overrides), full_params(ref_job, case.overrides)
     assert mine.keys() == theirs.keys()
     for name, value in mine.items():

@@ -1,0 +1,309 @@
+"""The Meter owns measurement, so that measuring does not change what is measured.
+
+Between log steps the loop adds no host sync and no collective: each step's loss and gradient-norm
+share stay on the device, in small buffers. On a log step the Meter syncs the device once, reduces
+the buffered values in one all-reduce of a stacked vector, and writes them to TensorBoard at their
+own step numbers (one point per step). Throughput comes from the wall time of the clean steps in
+the interval; step 1 (warm-up, lazy init) and sampled steps are timed apart. Sampled steps run
+under the comm counter and the memory probes, which see every op and so cost time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from experiments.config import TrainConfig
+from experiments.distenv import RankEnv
+from experiments.measure import (
+    CommCounter,
+    GatheredParams,
+    optimizer_state_bytes,
+    peak_memory_bytes,
+    storage_bytes,
+)
+from experiments.metrics import TensorBoardSink
+from experiments.record import Tag
+from experiments.state import TrainState
+from experiments.step import StepResult
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timing_check(env: RankEnv, device: torch.device) -> tuple[bool, str]:
+    """Whether this node gives each rank a core (CPU) or a device (GPU) of its own."""
+    if device.type == "cuda":
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        have, what = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+            "cores",
+        )
+    if env.local_world_size <= have:
+        return True, ""
+    return False, (
+        f"{env.local_world_size} ranks share {have} {what} on this node: throughput, scaling, step time "
+        "and bubble measure the wait for cores, not the strategy"
+    )
+
+
+# The comm counter sees every op through Python, which costs a sampled FSDP step about one more
+# step's time. A strategy issues the same collectives every step, so they are counted on the
+# first sampled step and on every 5th after it; memory is probed on every sampled step.
+COMM_EVERY_SAMPLES = 5
+
+
+class TimedBatches:
+    """Wraps the batch iterator: host seconds spent waiting for data (no device sync)."""
+
+    def __init__(self, it: Iterator[tuple[Tensor, Tensor]]) -> None:
+        self.it, self.seconds = it, 0.0
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return next(self.it)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def take(self) -> float:
+        s, self.seconds = self.seconds, 0.0
+        return s
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the run's shape says about one step: for throughput and MFU."""
+
+    global_batch: int
+    local_batch: int
+    tokens_per_sample: int  # 0 for classification
+    flops_per_step: float
+    peak_flops: float  # of one device; 0 = unknown (no MFU)
+    world_size: int
+
+
+class Meter:
+    def __init__(
+        self,
+        t: TrainConfig,
+        env: RankEnv,
+        device: torch.device,
+        state: TrainState,
+        batches: TimedBatches,
+        sink: TensorBoardSink,
+        theory: dict[str, float],
+        rates: Rates,
+        loss_holders: int,
+        busy_seconds: Callable[[], float] | None,
+        log: logging.Logger,
+    ) -> None:
+        self.t, self.env, self.device, self.state = t, env, device, state
+        self.batches, self.sink, self.theory, self.rates = batches, sink, theory, rates
+        self.loss_scale = 1.0 / loss_holders
+        self.busy_seconds = busy_seconds
+        self.log = log
+        self.gathered = GatheredParams(state.model)
+        self.timing_meaningful, self.timing_note = timing_check(env, device)
+        self.check_syncs = t.check_syncs and device.type == "cuda"
+        self.zero = torch.zeros((), device=device)
+        # Per-step values waiting for the next log step.
+        self.loss_buf: list[Tensor] = []
+        self.sq_buf: list[Tensor] = []
+        self.sq_global: list[bool] = []
+        self.lrs: list[float] = []
+        self.first_buffered = 1
+        # The interval's clean steps: wall time, data time, pipeline compute time.
+        self.clean_s = self.data_s = self.busy_s = 0.0
+        self.clean_steps = 0
+        self.mark: float | None = None
+        self.interval_step_times: list[float] = []
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.last_sample: dict[str, float] = {}
+        self.bubble_sum = 0.0
+        self.bubble_n = 0
+        self.wall0 = time.perf_counter()
+        self._stack: ExitStack | None = None
+        self.samples_taken = 0
+        self.last_comm: dict[str, float] = {}
+        self._counter: CommCounter | None = None
+        self._grads_bytes = 0
+
+    # ---- the schedule ----
+    def sampled(self, step: int) -> bool:
+        t = self.t
+        # Step 1 pays for lazy init, step 2 for DDP's bucket rebuild (a one-time broadcast): the
+        # first sample is the first steady step.
+        return t.measure_every > 0 and (step == min(3, t.steps) or step % t.measure_every == 0)
+
+    def logs(self, step: int) -> bool:
+        return step % self.t.log_every == 0 or step == self.t.steps
+
+    def clean(self, step: int) -> bool:
+        return step > 1 and not self.sampled(step)
+
+    # ---- around each step ----
+    def begin(self, step: int) -> Callable[[], None] | None:
+        """Before the step; returns the probe to run between backward and the optimizer step."""
+        self.lrs.append(self.state.scheduler.get_last_lr()[0])
+        if self.clean(step):
+            if self.mark is None:
+                self.mark = time.perf_counter()
+            if self.check_syncs:
+                torch.cuda.set_sync_debug_mode("error")
+            return None
+        self._pause()
+        if not self.sampled(step):
+            return None
+        self.gathered.arm(True)
+        self._stack = ExitStack()
+        if self.samples_taken % COMM_EVERY_SAMPLES == 0:
+            self._counter = self._stack.enter_context(CommCounter())
+        self.samples_taken += 1
+        return self._probe_grads
+
+    def _probe_grads(self) -> None:
+        self._grads_bytes = storage_bytes(p.grad for p in self.state.model.parameters())
+
+    def _pause(self) -> None:
+        """End a stretch of clean steps: their time is known once the device has caught up."""
+        if self.mark is not None:
+            sync(self.device)
+            self.clean_s += time.perf_counter() - self.mark
+            self.mark = None
+
+    def end(self, step: int, result: StepResult) -> None:
+        if self.check_syncs:
+            torch.cuda.set_sync_debug_mode("default")
+        if result.losses:
+            self.loss_buf.append(torch.stack(result.losses).float().mean() * self.loss_scale)
+        else:
+            self.loss_buf.append(self.zero)
+        self.sq_buf.append(result.grad_sq)
+        self.sq_global.append(result.grad_sq_is_global)
+        data_s = self.batches.take()
+        busy = self.busy_seconds() if self.busy_seconds is not None else 0.0
+        if self.clean(step):
+            self.clean_steps += 1
+            self.data_s += data_s
+            self.busy_s += busy
+        elif self.sampled(step):
+            self._finish_sample(step)
+        else:
+            sync(self.device)  # step 1: its warm-up stays out of the next clean stretch
+        if self.logs(step):
+            self._pause()
+            self._flush(step)
+
+    def _finish_sample(self, step: int) -> None:
+        sync(self.device)
+        assert self._stack is not None
+        self._stack.close()
+        self.gathered.arm(False)
+        model, opt = self.state.model, self.state.optimizer
+        params_bytes = storage_bytes(model.parameters())
+        optim_bytes = optimizer_state_bytes(opt)
+        peak_key, peak_value = peak_memory_bytes(self.device)
+        gathered = self.gathered.bytes
+        memory = {
+            Tag.PARAMS_BYTES: params_bytes,
+            Tag.GATHERED_BYTES: gathered,
+            Tag.GRADS_BYTES: self._grads_bytes,
+            Tag.OPTIM_BYTES: optim_bytes,
+            Tag.MODEL_STATE_BYTES: params_bytes + gathered + self._grads_bytes + optim_bytes,
+            peak_key: peak_value,
+        }
+        if self._counter is not None:
+            self.last_comm = self._counter.scalars()
+            self.sink.scalars(step, self.last_comm)
+        self.last_sample = {**self.last_comm, **memory}
+        self.sink.scalars(step, {**memory, **self.theory})
+        self._counter = self._stack = None
+
+    # ---- log steps ----
+    def _flush(self, step: int) -> None:
+        """One collective for the whole interval: losses and grad-norm shares, stacked."""
+        n = len(self.loss_buf)
+        shares = [self.zero if g else sq for sq, g in zip(self.sq_buf, self.sq_global, strict=True)]
+        summed = torch.stack([*self.loss_buf, *shares])
+        if self.env.world_size > 1:
+            dist.all_reduce(summed)
+        # Clipped steps already hold the global square; it rides along in the one host copy.
+        reduced = [sq if g else self.zero for sq, g in zip(self.sq_buf, self.sq_global, strict=True)]
+        values = torch.cat([summed, torch.stack(reduced)]).tolist()
+        losses = values[:n]
+        sqs = [a + b for a, b in zip(values[n : 2 * n], values[2 * n :], strict=True)]
+        norms = [s**0.5 for s in sqs]
+        self.sink.series(self.first_buffered, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: self.lrs})
+        self.losses += losses
+        self.grad_norms += norms
+        perf = self._interval_perf()
+        self.sink.scalars(step, perf)
+        self.sink.log_step(step, self.t.steps, losses[-1], perf, self.log)
+        self.loss_buf, self.sq_buf, self.sq_global, self.lrs = [], [], [], []
+        self.first_buffered = step + 1
+        self.clean_s = self.data_s = self.busy_s = 0.0
+        self.clean_steps = 0
+
+    def _interval_perf(self) -> dict[str, float]:
+        perf: dict[str, float] = {Tag.TIMING_MEANINGFUL: float(self.timing_meaningful)}
+        if not self.clean_steps:
+            return perf
+        r = self.rates
+        step_time = self.clean_s / self.clean_steps
+        self.interval_step_times.append(step_time)
+        perf.update(
+            {
+                Tag.STEP_TIME: step_time,
+                Tag.DATA_TIME: self.data_s / self.clean_steps,
+                Tag.SAMPLES: r.global_batch / step_time,
+                Tag.RANK_SAMPLES: r.local_batch / step_time,
+            }
+        )
+        if r.tokens_per_sample:
+            perf[Tag.TOKENS] = r.global_batch * r.tokens_per_sample / step_time
+            perf[Tag.RANK_TOKENS] = r.local_batch * r.tokens_per_sample / step_time
+        if r.peak_flops:
+            perf[Tag.MFU] = r.flops_per_step / step_time / r.world_size / r.peak_flops
+        if self.busy_seconds is not None:
+            compute = self.clean_s - self.data_s
+            bubble = max(0.0, 1.0 - self.busy_s / compute) if compute > 0 else 0.0
+            perf[Tag.PIPE_BUSY] = self.busy_s / self.clean_steps
+            perf[Tag.BUBBLE] = bubble
+            self.bubble_sum += bubble
+            self.bubble_n += 1
+        return perf
+
+    # ---- the end of the run ----
+    def stop(self) -> float:
+        """Wall time of the loop, from the first step to the last (setup and teardown excluded)."""
+        sync(self.device)
+        self.wall = time.perf_counter() - self.wall0
+        return self.wall
+
+    def steady_step_time(self) -> float:
+        """Median over log intervals of the clean steps' mean time."""
+        return statistics.median(self.interval_step_times) if self.interval_step_times else float("nan")
+
+    def rank_summary(self) -> dict[str, float]:
+        """This rank's entry in metrics.json: its last sample, its own predictions, its mean bubble."""
+        mine = {"rank": self.env.rank, **self.last_sample, **self.theory}
+        if self.bubble_n:
+            mine[Tag.BUBBLE] = self.bubble_sum / self.bubble_n
+        return mine

@@ -1,0 +1,121 @@
+"""The one place where metric names and metrics.json's layout are defined.
+
+`Tag` names every scalar a rank writes to TensorBoard (and the keys of each rank's entry in
+metrics.json); `RunRecord` is metrics.json itself. The loop, TensorBoard, compare, job and bench
+read names from here, so a misspelt metric is an AttributeError, not a silently empty column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+
+
+class Tag:
+    LOSS = "loss/train"
+    LR = "lr"
+    GRAD_NORM = "grad_norm"
+    STEP_TIME = "perf/step_time_s"
+    DATA_TIME = "perf/data_time_s"
+    SAMPLES = "perf/samples_per_s"
+    RANK_SAMPLES = "perf/rank_samples_per_s"
+    TOKENS = "perf/tokens_per_s"
+    RANK_TOKENS = "perf/rank_tokens_per_s"
+    MFU = "perf/mfu"
+    # 1 when this node has at least one core (CPU) or device (GPU) per rank; 0 when ranks wait for
+    # cores, so throughput, scaling, step time and bubble describe the machine, not the strategy.
+    TIMING_MEANINGFUL = "perf/timing_meaningful"
+    PIPE_BUSY = "pipeline/busy_s"
+    BUBBLE = "pipeline/bubble_fraction"
+    PARAMS_BYTES = "mem/params_bytes"
+    GATHERED_BYTES = "mem/params_gathered_bytes"
+    GRADS_BYTES = "mem/grads_bytes"
+    OPTIM_BYTES = "mem/optim_bytes"
+    MODEL_STATE_BYTES = "mem/model_state_bytes"
+    PEAK_RSS = "mem/peak_rss_bytes"
+    CUDA_PEAK = "mem/cuda_peak_allocated_bytes"
+    COMM_TOTAL_WIRE = "comm/total_wire_bytes"
+    THEORY_MODEL_STATE = "theory/mem/model_state_bytes"
+    THEORY_PAPER_MODEL_STATE = "theory/mem/paper_model_state_bytes"
+    THEORY_BUBBLE = "theory/pipeline/bubble_fraction"
+    THEORY_BUBBLE_RELATIVE = "theory/pipeline/bubble_relative_to_ideal"
+    MEMORY_CATEGORIES = ("params", "params_gathered", "grads", "optim")
+
+    @staticmethod
+    def mem(category: str) -> str:
+        return f"mem/{category}_bytes"
+
+    @staticmethod
+    def theory_mem(category: str) -> str:
+        return f"theory/mem/{category}_bytes"
+
+    @staticmethod
+    def comm(collective: str, what: str) -> str:
+        """what: calls | bytes (payload S) | wire_bytes (sent by this rank, ring model)."""
+        return f"comm/{collective}_{what}"
+
+    @staticmethod
+    def theory_comm(collective: str, what: str) -> str:
+        return f"theory/comm/{collective}_{what}"
+
+    @staticmethod
+    def is_theory_wire(tag: str) -> bool:
+        return tag.startswith("theory/comm/") and tag.endswith("_wire_bytes")
+
+
+@dataclass
+class RunRecord:
+    """metrics.json: what rank 0 writes once a job ends."""
+
+    strategy: str
+    world_size: int
+    degrees: dict[str, int]
+    model: str
+    dataset: str
+    launcher: str
+    optimizer: str
+    global_batch_size: int
+    grad_accum_steps: int
+    precision: str
+    schedule: str | None
+    microbatches: int | None
+    steps: int
+    params: int
+    losses: list[float]
+    grad_norms: list[float]
+    final_loss: float
+    # Median over log intervals of the clean steps' mean time (not step 1, not sampled steps).
+    step_time_s: float
+    samples_per_s: float
+    tokens_per_s: float | None
+    wall_s: float
+    theory: dict[str, float]
+    # One entry per rank: its last sampled step's measurements, its own predictions, its bubble.
+    ranks: list[dict[str, float]]
+    notes: list[str] = field(default_factory=list)
+    timing_meaningful: bool = True
+    timing_note: str = ""
+
+    def write(self, job_dir: Path) -> None:
+        tmp = job_dir / (METRICS_FILE + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        tmp.replace(job_dir / METRICS_FILE)
+
+    @classmethod
+    def read(cls, job_dir: Path) -> RunRecord:
+        raw: dict[str, Any] = json.loads((job_dir / METRICS_FILE).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def peak_memory_bytes(self) -> float:
+        return float(max((r.get(Tag.PEAK_RSS, r.get(Tag.CUDA_PEAK, 0)) for r in self.ranks), default=0))
+
+
+def read_metrics(job_dir: Path) -> dict[str, Any]:
+    """metrics.json as plain data (tests check the file's layout itself)."""
+    return json.loads((job_dir / METRICS_FILE).read_text())

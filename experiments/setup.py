@@ -1,0 +1,138 @@
+"""Everything a run needs before its first step: mesh, model, strategy, optimizer, data, Meter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+from data import build_dataset, dataset_spec, make_loader
+from data.spec import DataSpec
+from experiments.config import Config
+from experiments.distenv import RankEnv
+from experiments.measure import local_optimizer, peak_flops_per_s
+from experiments.meter import Meter, Rates, TimedBatches
+from experiments.metrics import TensorBoardSink
+from experiments.optim import lr_scheduler, optimizer_spec
+from experiments.predict import ModelSizes, Setting, predict
+from experiments.state import TrainState
+from experiments.step import GradNorm
+from experiments.theory import training_flops_per_token
+from models import build_model
+from parallel.base import Parallelized, StrategyContext
+from parallel.mesh import Degrees, build_mesh, dp_rank_and_size, resolve_degrees
+from parallel.registry import StrategySpec, get_spec
+
+
+def loss_fn_for(spec: DataSpec):
+    if spec.task == "lm":
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return lambda logits, y: F.cross_entropy(logits.float(), y)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    env: RankEnv
+    device: torch.device
+    degrees: Degrees
+    mesh: DeviceMesh
+    par: Parallelized
+    state: TrainState
+    batches: TimedBatches
+    norm: GradNorm
+    meter: Meter
+    sink: TensorBoardSink
+    spec: StrategySpec
+    psi: int
+    tokens_per_sample: int
+
+
+def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: logging.Logger) -> Run:
+    t = cfg.train
+    degrees = resolve_degrees(cfg.strategy, env.world_size)
+    mesh = build_mesh(degrees, device.type)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    spec = dataset_spec(cfg.dataset)
+    dataset = build_dataset(cfg.dataset, cfg.seed)
+
+    # Every rank builds the full model from one seed before sharding: identical initial weights
+    # for every strategy and world size.
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, spec).to(device)
+    psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    ctx = StrategyContext(cfg, device, loss_fn_for(spec))
+    strategy = get_spec(cfg.strategy.name)
+    par = strategy.apply(model, mesh, ctx)
+    del model  # pipeline ranks keep only their stages
+    for note in par.notes:
+        log.info(note)
+    opt = par.make_optimizer(par.model, optimizer_spec(t))
+    state = TrainState(par.model, opt, lr_scheduler(opt, t))
+
+    micro_global = t.global_batch_size // t.grad_accum_steps
+    loader = make_loader(dataset, cfg.dataset, micro_global, dp_rank, dp_size, cfg.seed, state.data_position)
+    batches = TimedBatches(iter(loader))
+    local_samples = t.global_batch_size // dp_size
+    tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
+    owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
+    sizes = ModelSizes(psi, elem, assigned_psi=owned_psi, shapes=tuple(shapes))
+    pp_rank = mesh["pp"].get_local_rank()
+    theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))
+    rates = Rates(
+        global_batch=t.global_batch_size,
+        local_batch=local_samples,
+        tokens_per_sample=tokens_per_sample,
+        flops_per_step=training_flops_per_token(psi) * t.global_batch_size * max(1, tokens_per_sample),
+        peak_flops=peak_flops_per_s(device, t),
+        world_size=env.world_size,
+    )
+    sink = TensorBoardSink(job_dir, env.rank, t.steps)
+    meter = Meter(
+        t,
+        env,
+        device,
+        state,
+        batches,
+        sink,
+        theory,
+        rates,
+        loss_holders=degrees.dp * degrees.tp,
+        busy_seconds=par.busy_seconds,
+        log=log,
+    )
+    log.info(
+        "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d params=%d",
+        cfg.strategy.name,
+        degrees.as_dict(),
+        env.world_size,
+        dp_rank,
+        dp_size,
+        device,
+        torch.get_num_threads(),
+        psi,
+    )
+    if not meter.timing_meaningful:
+        log.warning("timings not meaningful: %s", meter.timing_note)
+    norm = GradNorm(par.model, mesh)
+    return Run(
+        cfg,
+        env,
+        device,
+        degrees,
+        mesh,
+        par,
+        state,
+        batches,
+        norm,
+        meter,
+        sink,
+        strategy,
+        psi,
+        tokens_per_sample,
+    )

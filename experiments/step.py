@@ -1,0 +1,126 @@
+"""One optimizer step, and nothing else: no .item(), no timer, no collective the strategy does not need.
+
+The step leaves on the device what the Meter will log: this rank's losses and its share of the
+squared gradient norm. Only gradient clipping needs the global norm inside the step, and then it
+costs one all-reduce of one scalar, not one per parameter, and no host sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+from experiments.state import TrainState
+from parallel.base import Parallelized
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _holders(p: Tensor, ranks_per_stage: int) -> int:
+    """How many ranks hold the same values of p's gradient (its copies across the world).
+
+    A plain tensor is whole on every rank of its pipeline stage. A DTensor is split over its mesh
+    and copied along the mesh dims where it is replicated, and across the stage's ranks outside
+    its mesh.
+    """
+    if not isinstance(p, DTensor):
+        return ranks_per_stage
+    mesh = p.device_mesh
+    copies = ranks_per_stage // mesh.size()
+    for dim, placement in enumerate(p.placements):
+        if isinstance(placement, Partial):
+            raise NotImplementedError(f"a Partial gradient placement has no local norm: {p.placements}")
+        if isinstance(placement, Replicate):
+            copies *= mesh.size(dim)
+    return copies
+
+
+class GradNorm:
+    """The global gradient norm from one local sum of squares per step.
+
+    Each rank sums the squares of its local gradient shards, each divided by how many ranks hold
+    the same values; summing that over the world (one all-reduce, on log steps) gives the norm's
+    square whatever the sharding, as torch's clip_grad_norm_ reduces a DTensor norm once.
+    """
+
+    def __init__(self, model: nn.Module, mesh: DeviceMesh) -> None:
+        per_stage = mesh.size() // mesh["pp"].size()
+        groups: dict[int, list[nn.Parameter]] = {}
+        for p in model.parameters():
+            if p.requires_grad:
+                groups.setdefault(_holders(p, per_stage), []).append(p)
+        self.groups = [(1.0 / h, ps) for h, ps in sorted(groups.items())]
+        self.zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+
+    def local_grads(self) -> list[Tensor]:
+        return [_local(p.grad) for _, ps in self.groups for p in ps if p.grad is not None]
+
+    def local_sq(self) -> Tensor:
+        """This rank's share of the squared global norm, on the device (no sync)."""
+        total: Tensor | None = None
+        for weight, params in self.groups:
+            grads = [_local(p.grad) for p in params if p.grad is not None]
+            if not grads:
+                continue
+            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
+            sq = torch.dot(norms, norms)
+            if weight != 1.0:
+                sq = sq * weight
+            total = sq if total is None else total + sq
+        return self.zero if total is None else total
+
+
+@dataclass
+class StepResult:
+    losses: list[Tensor]  # this rank's mean loss per micro-step (empty off the last pipeline stage)
+    grad_sq: Tensor  # squared grad norm: this rank's share, or the global value when clipping
+    grad_sq_is_global: bool
+
+
+def clip_(norm: GradNorm, sq: Tensor, max_norm: float) -> None:
+    """Scale every local gradient by min(1, max_norm / norm) in place, on the device."""
+    coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
+    torch._foreach_mul_(norm.local_grads(), coef)
+
+
+def train_step(
+    par: Parallelized,
+    state: TrainState,
+    batches: Iterator[tuple[Tensor, Tensor]],
+    norm: GradNorm,
+    accum: int,
+    grad_clip: float,
+    device: torch.device,
+    probe: Callable[[], None] | None = None,
+) -> StepResult:
+    """Forward and backward over `accum` micro-steps, then one optimizer step."""
+    losses: list[Tensor] = []
+    for micro in range(accum):
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = par.forward_backward(x, y, 1.0 / accum, micro == accum - 1)
+        if loss is not None:
+            losses.append(loss)
+    state.data_position += accum
+    if par.after_backward is not None:
+        par.after_backward()
+    if probe is not None:
+        probe()  # the Meter's memory probe, on sampled steps: gradients exist only here
+    sq = norm.local_sq()
+    if grad_clip > 0:
+        if dist.get_world_size() > 1:
+            dist.all_reduce(sq)
+        clip_(norm, sq, grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return StepResult(losses, sq, grad_clip > 0)
