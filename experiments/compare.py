@@ -11,49 +11,52 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-from experiments.metrics import METRICS_FILE, read_metrics, tb_dir  # noqa: E402
+from experiments.metrics import tb_dir  # noqa: E402
+from experiments.record import METRICS_FILE, RunRecord, Tag  # noqa: E402
+from parallel.registry import REFERENCE  # noqa: E402
 
 MiB = 2**20
+# Appended to a timing cell when the job's ranks outnumbered the node's cores/GPUs.
+OVERSUB = " (oversub.)"
+HOLLOW_NOTE = "hollow: ranks > cores/GPUs, timing not meaningful"
 
 
 @dataclass
 class Job:
     name: str
     dir: Path
-    m: dict[str, Any]
+    r: RunRecord
     loss_curve: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
-        extra = f" {self.m['schedule']} m={self.m['microbatches']}" if self.m.get("schedule") else ""
-        return f"{self.m['strategy']}{extra} ws={self.m['world_size']}"
+        extra = f" {self.r.schedule} m={self.r.microbatches}" if self.r.schedule else ""
+        return f"{self.r.strategy}{extra} ws={self.r.world_size}"
 
     def rank_mean(self, key: str) -> float | None:
-        values = [r[key] for r in self.m.get("ranks", []) if r and key in r]
+        values = [r[key] for r in self.r.ranks if r and key in r]
         return statistics.mean(values) if values else None
 
     def rank_max(self, key: str) -> float | None:
-        values = [r[key] for r in self.m.get("ranks", []) if r and key in r]
+        values = [r[key] for r in self.r.ranks if r and key in r]
         return max(values) if values else None
 
     def theory(self, key: str) -> float | None:
-        return self.m.get("theory", {}).get(key)
+        return self.r.theory.get(key)
 
     def measured_wire(self) -> float | None:
-        return self.rank_mean("comm/total_wire_bytes")
+        return self.rank_mean(Tag.COMM_TOTAL_WIRE)
 
     def theory_wire(self) -> float | None:
-        keys = [
-            k for k in self.m.get("theory", {}) if k.startswith("theory/comm/") and k.endswith("_wire_bytes")
-        ]
-        return sum(self.m["theory"][k] for k in keys) if keys else None
+        keys = [k for k in self.r.theory if Tag.is_theory_wire(k)]
+        return sum(self.r.theory[k] for k in keys) if keys else None
 
 
 def tb_losses(job_dir: Path) -> list[float]:
@@ -61,28 +64,24 @@ def tb_losses(job_dir: Path) -> list[float]:
 
     acc = EventAccumulator(str(tb_dir(job_dir, 0)), size_guidance={"scalars": 0})
     acc.Reload()
-    if "loss/train" not in acc.Tags()["scalars"]:
+    if Tag.LOSS not in acc.Tags()["scalars"]:
         return []
-    return [e.value for e in sorted(acc.Scalars("loss/train"), key=lambda e: e.step)]
+    return [e.value for e in sorted(acc.Scalars(Tag.LOSS), key=lambda e: e.step)]
 
 
 def load_jobs(sweep: Path) -> list[Job]:
     jobs = []
     for metrics in sorted(sweep.rglob(METRICS_FILE)):
         d = metrics.parent
-        jobs.append(Job(str(d.relative_to(sweep)) or d.name, d, read_metrics(d), tb_losses(d)))
+        jobs.append(Job(str(d.relative_to(sweep)) or d.name, d, RunRecord.read(d), tb_losses(d)))
     return jobs
 
 
 def _reference(job: Job, jobs: list[Job]) -> Job | None:
     """The single-process run of the same experiment, when the sweep has one."""
-    same = [
-        j
-        for j in jobs
-        if j.m["world_size"] == 1
-        and all(j.m[k] == job.m[k] for k in ("model", "dataset", "global_batch_size", "steps", "optimizer"))
-    ]
-    same.sort(key=lambda j: j.m["strategy"] != "single")
+    key = ("model", "dataset", "global_batch_size", "steps", "optimizer")
+    same = [j for j in jobs if j.r.world_size == 1 and all(getattr(j.r, k) == getattr(job.r, k) for k in key)]
+    same.sort(key=lambda j: j.r.strategy != REFERENCE)
     return same[0] if same else None
 
 
@@ -102,45 +101,59 @@ def _fmt(x: float | None, scale: float = 1.0, digits: int = 2) -> str:
     return "" if x is None else f"{x / scale:.{digits}f}"
 
 
+def _timing(cell: str, meaningful: bool) -> str:
+    """A measured timing (throughput, scaling, bubble), marked when the machine could not give it."""
+    return cell if meaningful or not cell else cell + OVERSUB
+
+
 def rows(jobs: list[Job]) -> list[dict[str, str]]:
-    base = {}
+    base: dict[str, Job] = {}
     for j in jobs:
-        if j.m["world_size"] == 1:
-            base.setdefault(j.m["strategy"], j.m["samples_per_s"])
-    single = next((j.m["samples_per_s"] for j in jobs if j.m["strategy"] == "single"), None)
+        if j.r.world_size == 1:
+            base.setdefault(j.r.strategy, j)
+    single = next((j for j in jobs if j.r.strategy == REFERENCE), None)
     out = []
-    for j in sorted(jobs, key=lambda j: (j.m["strategy"], j.m["world_size"], j.name)):
-        ws, thr = j.m["world_size"], j.m["samples_per_s"]
-        ref_thr = base.get(j.m["strategy"], single)
+    for j in sorted(jobs, key=lambda j: (j.r.strategy, j.r.world_size, j.name)):
+        ws, thr = j.r.world_size, j.r.samples_per_s
+        ref_job = base.get(j.r.strategy, single)
+        ref_thr = ref_job.r.samples_per_s if ref_job else None
+        ok = j.r.timing_meaningful
         ref = _reference(j, jobs)
-        mem, mem_t = j.rank_max("mem/model_state_bytes"), j.theory("theory/mem/model_state_bytes")
+        mem, mem_t = j.rank_max(Tag.MODEL_STATE_BYTES), j.theory(Tag.THEORY_MODEL_STATE)
         wire, wire_t = j.measured_wire(), j.theory_wire()
-        bubble, bubble_t = (
-            j.rank_mean("pipeline/bubble_fraction"),
-            j.theory("theory/pipeline/bubble_fraction"),
-        )
-        dev = _max_dev(j.m["losses"], ref.m["losses"]) if ref and ref is not j else None
+        bubble, bubble_t = j.rank_mean(Tag.BUBBLE), j.theory(Tag.THEORY_BUBBLE)
+        dev = _max_dev(j.r.losses, ref.r.losses) if ref and ref is not j else None
+        eff = f"{thr / (ws * ref_thr):.2f}" if ref_thr else ""
         out.append(
             {
                 "job": j.name,
                 "strategy": j.label,
                 "world": str(ws),
-                "samples/s": f"{thr:.1f}",
-                "scaling eff": f"{thr / (ws * ref_thr):.2f}" if ref_thr else "",
+                "samples/s": _timing(f"{thr:.1f}", ok),
+                "scaling eff": _timing(eff, ok and (ref_job is None or ref_job.r.timing_meaningful)),
                 "state MiB (max rank)": _fmt(mem, MiB, 3),
                 "theory MiB": _fmt(mem_t, MiB, 3),
                 "mem Δ": _pct(mem, mem_t),
-                "paper MiB": _fmt(j.theory("theory/mem/paper_model_state_bytes"), MiB, 3),
+                "paper MiB": _fmt(j.theory(Tag.THEORY_PAPER_MODEL_STATE), MiB, 3),
                 "sent MiB/step": _fmt(wire, MiB, 3),
                 "theory sent": _fmt(wire_t, MiB, 3),
                 "comm Δ": _pct(wire, wire_t),
-                "bubble": _fmt(bubble, 1, 3),
+                "bubble": _timing(_fmt(bubble, 1, 3), ok),
                 "theory bubble": _fmt(bubble_t, 1, 3),
-                "final loss": f"{j.m['final_loss']:.5f}",
+                "final loss": f"{j.r.final_loss:.5f}",
                 "max loss dev vs 1 proc": "" if dev is None else f"{dev:.1e}",
             }
         )
     return out
+
+
+def timing_notes(jobs: list[Job]) -> list[str]:
+    """One line per distinct reason a job's timings are not findings, naming its jobs."""
+    by_note: dict[str, list[str]] = {}
+    for j in sorted(jobs, key=lambda j: j.name):
+        if not j.r.timing_meaningful:
+            by_note.setdefault(j.r.timing_note or "ranks outnumber this node's cores/GPUs", []).append(j.name)
+    return [f"{OVERSUB.strip()} {', '.join(names)}: {note}" for note, names in by_note.items()]
 
 
 def table(rs: list[dict[str, str]]) -> str:
@@ -153,26 +166,42 @@ def table(rs: list[dict[str, str]]) -> str:
 
 def _by_strategy(jobs: list[Job]) -> dict[str, list[Job]]:
     groups: dict[str, list[Job]] = {}
-    for j in sorted(jobs, key=lambda j: j.m["world_size"]):
+    for j in sorted(jobs, key=lambda j: j.r.world_size):
         groups.setdefault(j.label.rsplit(" ws=", 1)[0], []).append(j)
     return groups
 
 
+def _points(ax, xs: list[float], ys: list[float], oks: list[bool], color: str, label: str) -> None:
+    """A line with filled markers where timing is meaningful and hollow ones where it is not."""
+    ax.plot(xs, ys, marker="o", color=color, label=label, markevery=[i for i, ok in enumerate(oks) if ok])
+    bad = [(x, y) for x, y, ok in zip(xs, ys, oks, strict=True) if not ok]
+    if bad:
+        ax.plot(*zip(*bad, strict=True), ls="", marker="o", color=color, markerfacecolor="none")
+
+
 def plot_throughput(jobs: list[Job], path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, js in _by_strategy(jobs).items():
-        ws = [j.m["world_size"] for j in js]
-        thr = [j.m["samples_per_s"] for j in js]
-        ax.plot(ws, thr, marker="o", label=name)
+    for i, (name, js) in enumerate(_by_strategy(jobs).items()):
+        color = f"C{i % 10}"
+        ws = [j.r.world_size for j in js]
+        thr = [j.r.samples_per_s for j in js]
+        oks = [j.r.timing_meaningful for j in js]
+        _points(ax, ws, thr, oks, color, name)
         if ws[0] == 1:
-            ax2.plot(ws, [t / (w * thr[0]) for t, w in zip(thr, ws, strict=True)], marker="o", label=name)
+            eff = [t / (w * thr[0]) for t, w in zip(thr, ws, strict=True)]
+            _points(ax2, ws, eff, [ok and oks[0] for ok in oks], color, name)
     ax.set(xlabel="world size", ylabel="samples/s (global)", title="Throughput")
     ax2.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax2.set(xlabel="world size", ylabel="throughput / (N × 1-rank throughput)", title="Scaling efficiency")
+    oversub = any(not j.r.timing_meaningful for j in jobs)
     for a in (ax, ax2):
-        a.set_xticks(sorted({j.m["world_size"] for j in jobs}))
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8)
+        a.set_xticks(sorted({j.r.world_size for j in jobs}))
+        handles, labels = a.get_legend_handles_labels()
+        if handles:
+            if oversub:
+                handles.append(Line2D([], [], marker="o", color="grey", markerfacecolor="none", ls=""))
+                labels.append(HOLLOW_NOTE)
+            a.legend(handles, labels, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -183,15 +212,15 @@ def plot_memory(jobs: list[Job], path: Path) -> None:
     for i, (name, js) in enumerate(_by_strategy(jobs).items()):
         color = f"C{i}"
         pts = [
-            (j.m["world_size"], r["mem/model_state_bytes"] / MiB)
+            (j.r.world_size, r[Tag.MODEL_STATE_BYTES] / MiB)
             for j in js
-            for r in j.m["ranks"]
-            if r and "mem/model_state_bytes" in r
+            for r in j.r.ranks
+            if r and Tag.MODEL_STATE_BYTES in r
         ]
         if not pts:
             continue
         ax.scatter(*zip(*pts, strict=True), color=color, label=f"{name} (each rank)", s=22)
-        th = [(j.m["world_size"], j.theory("theory/mem/model_state_bytes")) for j in js]
+        th = [(j.r.world_size, j.theory(Tag.THEORY_MODEL_STATE)) for j in js]
         th = [(w, v / MiB) for w, v in th if v]
         if th:
             ax.plot(*zip(*th, strict=True), color=color, ls="--", lw=1, label=f"{name} theory")
@@ -200,7 +229,7 @@ def plot_memory(jobs: list[Job], path: Path) -> None:
         ylabel="model-state MiB per rank",
         title="Per-rank memory: params + grads + optimizer state",
     )
-    ax.set_xticks(sorted({j.m["world_size"] for j in jobs}))
+    ax.set_xticks(sorted({j.r.world_size for j in jobs}))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -224,14 +253,12 @@ def plot_comm(jobs: list[Job], path: Path) -> None:
 def plot_losses(jobs: list[Job], path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for j in jobs:
-        curve = j.loss_curve or j.m["losses"]
+        curve = j.loss_curve or j.r.losses
         ax.plot(range(1, len(curve) + 1), curve, label=j.label, lw=1)
     ax.set(xlabel="step", ylabel="loss (global mean)", title="Loss curves")
     ax.legend(fontsize=7)
     devs = [
-        (j.label, _max_dev(j.m["losses"], r.m["losses"]))
-        for j in jobs
-        if (r := _reference(j, jobs)) and r is not j
+        (j.label, _max_dev(j.r.losses, r.r.losses)) for j in jobs if (r := _reference(j, jobs)) and r is not j
     ]
     devs = [(n, d) for n, d in devs if d is not None]
     if devs:
@@ -249,18 +276,24 @@ def plot_losses(jobs: list[Job], path: Path) -> None:
 
 
 def plot_bubble(jobs: list[Job], path: Path) -> bool:
-    js = [j for j in jobs if j.rank_mean("pipeline/bubble_fraction") is not None]
+    js = [j for j in jobs if j.rank_mean(Tag.BUBBLE) is not None]
     if not js:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, group) in enumerate(_by_strategy(js).items()):
+    groups = _by_strategy(js)
+    for i, (name, group) in enumerate(groups.items()):
+        ok = group[0].r.timing_meaningful
         ax.scatter(
-            [i], [group[0].rank_mean("pipeline/bubble_fraction")], color=f"C{i}", label=f"{name} measured"
+            [i],
+            [group[0].rank_mean(Tag.BUBBLE)],
+            edgecolors=f"C{i}",
+            facecolors=f"C{i}" if ok else "none",
+            label=f"{name} measured" + ("" if ok else OVERSUB),
         )
-        t = group[0].theory("theory/pipeline/bubble_fraction")
+        t = group[0].theory(Tag.THEORY_BUBBLE)
         if t is not None:
             ax.scatter([i], [t], color=f"C{i}", marker="_", s=400, label=f"{name} theory")
-    ax.set_xticks(range(len(_by_strategy(js))), list(_by_strategy(js)), rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=30, ha="right", fontsize=8)
     ax.set(
         ylabel="bubble share of step time", title="Pipeline bubble: measured vs (p−1)/(v·m+p−1)", ylim=(0, 1)
     )
@@ -271,6 +304,9 @@ def plot_bubble(jobs: list[Job], path: Path) -> bool:
 
 
 NOTES = """## Reading this report
+- **(oversub.)** marks throughput, scaling eff and bubble of a job whose ranks outnumbered the node's
+  cores (CPU) or GPUs: they measure the wait for a core, not the strategy, so read nothing into them.
+  The throughput plot draws those points hollow.
 - **scaling eff** = throughput at N ranks ÷ (N × the same strategy's 1-rank throughput). On a CPU
   machine with fewer cores than ranks it falls with N by construction; compare strategies, not absolutes.
 - **state MiB** = params + params held gathered into backward + grads + optimizer state on the rank
@@ -309,6 +345,7 @@ def report(sweep: Path) -> str:
     if plot_bubble(jobs, sweep / "bubble.png"):
         pictures.append("bubble.png")
     text = table(rs)
+    notes = timing_notes(jobs)
     md = [
         f"# paralab sweep report: {sweep.name}",
         "",
@@ -318,11 +355,12 @@ def report(sweep: Path) -> str:
         text,
         "```",
         "",
-        NOTES,
     ]
+    md += [*notes, ""] if notes else []
+    md += [NOTES]
     md += [f"![{p}]({p})" for p in pictures]
     (sweep / "report.md").write_text("\n".join(md) + "\n")
-    return text
+    return "\n".join([text, *notes])
 
 
 def main(argv: list[str]) -> int:

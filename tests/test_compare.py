@@ -1,0 +1,79 @@
+"""compare marks the timings a machine could not give (ranks > cores/GPUs) and keeps the rest."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+from experiments.parity import run_case
+from experiments.record import METRICS_FILE, RunRecord
+from tests.helpers import REPO, child_env
+
+COMMON = [
+    "train.steps=4",
+    "train.log_every=2",
+    "train.global_batch_size=16",
+    "dataset.num_samples=128",
+    "model=mlp",
+    "model.hidden=16",
+    "model.layers=2",
+    "dataset.input_shape=[8]",
+]
+NOTE = "4 ranks share 2 cores on this node: test note"
+
+
+def compare(sweep_dir) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compare", str(sweep_dir)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_compare_marks_timings_that_are_not_meaningful(tmp_path):
+    run_case([*COMMON, "strategy=single", "launcher=local"], tmp_path / "single-ws1")
+    run_case(
+        [*COMMON, "strategy=ddp", "launcher=torchrun", "launcher.nproc_per_node=2"], tmp_path / "ddp-ws2"
+    )
+    # Whatever this machine's core count, make one job the oversubscribed one and the other not.
+    for name, meaningful, note in [("single-ws1", True, ""), ("ddp-ws2", False, NOTE)]:
+        path = tmp_path / name / METRICS_FILE
+        raw = json.loads(path.read_text())
+        raw.update(timing_meaningful=meaningful, timing_note=note)
+        path.write_text(json.dumps(raw))
+    assert RunRecord.read(tmp_path / "ddp-ws2").timing_meaningful is False
+
+    proc = compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert set(rows) == {"single-ws1", "ddp-ws2"}
+    ddp, single = rows["ddp-ws2"], rows["single-ws1"]
+    for col in ("samples/s", "scaling eff"):
+        assert ddp[col].endswith("(oversub.)"), (col, ddp[col])
+        assert "oversub" not in single[col], (col, single[col])
+    # What the machine can give is not marked: memory, communication, loss.
+    for col in ("state MiB (max rank)", "sent MiB/step", "final loss"):
+        assert "oversub" not in ddp[col]
+
+    lines = proc.stdout.splitlines()
+    assert "(oversub.)" in next(line for line in lines if line.startswith("ddp-ws2"))
+    assert "(oversub.)" not in next(line for line in lines if line.startswith("single-ws1"))
+    report = (tmp_path / "report.md").read_text()
+    note_lines = [line for line in report.splitlines() if NOTE in line]
+    assert len(note_lines) == 1 and "ddp-ws2" in note_lines[0] and "single-ws1" not in note_lines[0]
+    assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_without_oversubscription_has_no_marks(tmp_path):
+    run_case([*COMMON, "strategy=single", "launcher=local"], tmp_path / "single-ws1")
+    proc = compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "(oversub.)" not in proc.stdout
+    report = (tmp_path / "report.md").read_text()
+    assert "```\n\n## Reading this report" in report  # no note line under the table
