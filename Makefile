@@ -38,7 +38,7 @@ sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
 compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=outputs/sweeps/<dir>], default the newest
 	$(PY) -m experiments.compare $(SWEEP)
 
-bench: $(STAMP) ## paralab's DDP loop vs a hand-written DDP loop, interleaved, 2 ranks: prints the throughput ratio
+bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampling overhead % (ARGS="--strategies ddp --sizes small --repeats 3")
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.bench $(ARGS)
 
 tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/

@@ -1,24 +1,36 @@
-"""paralab's DDP loop against a minimal hand-written DDP loop: same model, data, world size.
+"""paralab's training loop against a minimal hand-written loop of the same strategy.
 
-Run under torchrun (`make bench`). Each repeat runs, in turn: paralab's training loop as shipped
-(TensorBoard, timers, loss and grad-norm reductions, comm/memory sampling every 50 steps),
-the same with sampling off, and a hand-written loop. Ratios are of median loop wall times from
-this one run; nothing here gates CI.
+Run under torchrun on 2 ranks (`make bench`, or `make bench ARGS="--strategies ddp --sizes small
+--repeats 3"`). For each strategy (ddp, fsdp, tp) and size (small: overhead-bound; compute:
+compute-bound) it runs, in turn within each repeat: paralab's loop as shipped (TensorBoard,
+timers, loss and grad-norm reductions, comm/memory sampling on step 3 and every 50), the same with
+sampling off (train.measure_every=0), and a hand-written loop: the same model, data, batch and SGD,
+wrapped as a user would by hand. It prints one row per case: median loop wall times, the
+throughput ratio hand/paralab beside its target, and the sampling overhead. Targets are printed,
+never enforced: a benchmark on a shared machine does not gate anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from data import build_dataset, dataset_spec
@@ -26,45 +38,36 @@ from experiments.config import Config
 from experiments.distenv import rank_env, set_threads
 from experiments.log import setup_rank_logging
 from experiments.loop import train
-from experiments.metrics import read_metrics
+from experiments.meter import timing_check
 from experiments.parity import compose_config
+from experiments.record import RunRecord
+from experiments.validate import validate
 from models import build_model
 
-OVERRIDES = [
-    "strategy=ddp",
-    "model=mlp",
-    "model.hidden=256",
-    "model.layers=4",
-    "dataset.input_shape=[128]",
-    "dataset.num_samples=8192",
-    "train.global_batch_size=256",
-    "train.steps=100",
-    "train.log_every=1000",
-]
-REPEATS = 5
+DEVICE = torch.device("cpu")
 
 
-def paralab_wall(cfg: Config, job: Path, log) -> float:
-    job.mkdir(parents=True, exist_ok=True)
-    train(cfg, rank_env(), torch.device("cpu"), job, log)
-    wall = torch.tensor(read_metrics(job)["wall_s"] if dist.get_rank() == 0 else 0.0)
-    dist.broadcast(wall, 0)
-    return wall.item()
+# ---- the hand-written loops: what a user writes without paralab ----
 
 
-def handwritten_wall(cfg: Config) -> float:
-    """What a user would write by hand: DDP, SGD, a shuffled slice per step."""
-    t, world, rank = cfg.train, dist.get_world_size(), dist.get_rank()
-    x_all, y_all = build_dataset(cfg.dataset, cfg.seed).tensors
+def fresh_model(cfg: Config) -> nn.Module:
+    """The model paralab builds: same seed, so the same initial weights."""
     torch.manual_seed(cfg.seed)
-    model = DistributedDataParallel(build_model(cfg.model, dataset_spec(cfg.dataset)))
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr)
-    local = t.global_batch_size // world
+    return build_model(cfg.model, dataset_spec(cfg.dataset))
+
+
+def timed_loop(model: nn.Module, cfg: Config, dp_rank: int, dp_size: int) -> float:
+    """Forward, cross-entropy, backward, SGD step; this rank's slice of a shuffled global batch."""
+    t = cfg.train
+    x_all, y_all = build_dataset(cfg.dataset, cfg.seed).tensors  # type: ignore[attr-defined]
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    batch, local = t.global_batch_size, t.global_batch_size // dp_size
+    per_epoch = len(x_all) // batch
     order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(cfg.seed))
     dist.barrier()
     t0 = time.perf_counter()
     for step in range(t.steps):
-        start = (step * t.global_batch_size) % (len(x_all) - t.global_batch_size) + rank * local
+        start = (step % per_epoch) * batch + dp_rank * local
         idx = order[start : start + local]
         loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
         loss.backward()
@@ -73,41 +76,183 @@ def handwritten_wall(cfg: Config) -> float:
     return time.perf_counter() - t0
 
 
-def main(argv: list[str]) -> int:
-    dist.init_process_group("gloo")
-    cfg: Config = OmegaConf.to_object(compose_config([*OVERRIDES, *argv]))  # type: ignore[assignment]
-    cfg = dataclasses.replace(
-        cfg, launcher=dataclasses.replace(cfg.launcher, nproc_per_node=dist.get_world_size())
+def hand_ddp(cfg: Config, mesh: DeviceMesh) -> float:
+    """DistributedDataParallel: a replica per rank, each on its half of the batch."""
+    model = DistributedDataParallel(fresh_model(cfg))
+    return timed_loop(model, cfg, mesh.get_local_rank(), mesh.size())
+
+
+def hand_fsdp(cfg: Config, mesh: DeviceMesh) -> float:
+    """FSDP2: fully_shard each block, then the root (resharding after forward, the default)."""
+    model = fresh_model(cfg)
+    for block in model.blocks.values():  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return timed_loop(model, cfg, mesh.get_local_rank(), mesh.size())
+
+
+def hand_tp(cfg: Config, mesh: DeviceMesh) -> float:
+    """Tensor parallel with the model's own plan on each block; every rank sees the whole batch."""
+    model = fresh_model(cfg)
+    plan = model.tp_plan(False)  # type: ignore[operator]
+    for block in model.blocks.values():  # type: ignore[union-attr]
+        parallelize_module(block, mesh, plan)
+    return timed_loop(model, cfg, 0, 1)
+
+
+# paralab's strategy=<name> and the hand-written loop it is measured against.
+STRATEGIES: dict[str, Callable[[Config, DeviceMesh], float]] = {
+    "ddp": hand_ddp,
+    "fsdp": hand_fsdp,
+    "tp": hand_tp,
+}
+
+
+@dataclass(frozen=True)
+class Size:
+    overrides: tuple[str, ...]
+    steps: int
+    target: float  # the hand/paralab throughput ratio paralab aims for at this size
+
+
+SIZES: dict[str, Size] = {
+    # Tiny steps (a few ms): the loop's own per-step overhead shows.
+    "small": Size(
+        ("model.hidden=64", "model.layers=4", "dataset.input_shape=[32]", "train.global_batch_size=64"),
+        steps=600,
+        target=0.95,
+    ),
+    # ~0.1 s steps on a 2-core CPU box (one loop ~2-4 s): the overhead should vanish.
+    "compute": Size(
+        ("model.hidden=512", "model.layers=4", "dataset.input_shape=[256]", "train.global_batch_size=256"),
+        steps=25,
+        target=0.99,
+    ),
+}
+
+
+# ---- paralab's loop ----
+
+
+def paralab_loop(cfg: Config, job: Path, log) -> float:
+    """paralab's training loop, built from cfg as train.py builds it; rank 0's loop wall time."""
+    job.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    train(cfg, rank_env(), DEVICE, job, log)
+    return RunRecord.read(job).wall_s if dist.get_rank() == 0 else 0.0
+
+
+def case_configs(strategy: str, size: Size, steps: int, extra: list[str]) -> tuple[Config, Config]:
+    """paralab as shipped, and the same with comm/memory sampling off."""
+    overrides = [
+        "model=mlp",
+        "dataset=synthetic",
+        f"strategy={strategy}",
+        *size.overrides,
+        f"train.steps={steps}",
+    ]
+    cfg: Config = OmegaConf.to_object(compose_config([*overrides, *extra]))  # type: ignore[assignment]
+    world = dist.get_world_size()
+    cfg = dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, nproc_per_node=world))
+    validate(cfg, world)
+    unsampled = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, measure_every=0))
+    return cfg, unsampled
+
+
+def rank0(value: float) -> float:
+    """Rank 0's value on every rank."""
+    t = torch.tensor(value, dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
+# ---- the table ----
+
+VARIANTS = ("paralab", "unsampled", "hand")
+HEADER = (
+    f"{'strategy':<8} {'size':<8} {'steps':>5}  {'paralab s':>9} {'unsampled s':>11} {'hand s':>8}"
+    f"  {'hand/paralab':>12} {'target':>7}        {'sampling':>8}"
+)
+
+
+def row(strategy: str, size_name: str, size: Size, steps: int, med: dict[str, float]) -> str:
+    ratio = med["hand"] / med["paralab"]
+    overhead = 100 * (med["paralab"] / med["unsampled"] - 1)
+    verdict = "met" if ratio >= size.target else "below"
+    return (
+        f"{strategy:<8} {size_name:<8} {steps:>5}  {med['paralab']:>9.3f} {med['unsampled']:>11.3f}"
+        f" {med['hand']:>8.3f}  {ratio:>12.3f} {'>= ' + format(size.target, '.2f'):>7} {verdict:<6}"
+        f" {overhead:>+7.1f}%"
     )
-    quiet = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, measure_every=0))
-    set_threads(cfg, rank_env())
-    box = [tempfile.mkdtemp(prefix="paralab-bench-") if dist.get_rank() == 0 else None]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="make bench ARGS=...", description=__doc__.split("\n")[0])
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per case (median taken)")
+    p.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply each size's step count (e.g. 0.05 to smoke-test)",
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every case, e.g. train.lr=0.05")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.steps_scale <= 0:
+        p.error("--repeats must be >= 1 and --steps-scale > 0")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    env = rank_env()
+    mesh = init_device_mesh(DEVICE.type, (world,))
+    box = [tempfile.mkdtemp(prefix="paralab-bench-") if rank == 0 else None]
     dist.broadcast_object_list(box, 0)
     root = Path(box[0])  # type: ignore[arg-type]
-    log = setup_rank_logging(root, dist.get_rank())
-    log.setLevel("WARNING")
-    shipped, unsampled, hand = [], [], []
-    for r in range(REPEATS):  # interleaved, so drift in machine load hits all three alike
-        shipped.append(paralab_wall(cfg, root / f"shipped{r}", log))
-        unsampled.append(paralab_wall(quiet, root / f"unsampled{r}", log))
-        hand.append(handwritten_wall(cfg))
-    if dist.get_rank() == 0:
-        med = {
-            k: statistics.median(v)
-            for k, v in (("paralab", shipped), ("no sampling", unsampled), ("hand", hand))
-        }
-        steps = cfg.train.steps * cfg.train.global_batch_size
-        print(
-            f"world={dist.get_world_size()} steps={cfg.train.steps} repeats={REPEATS} (median loop wall time)"
-        )
-        for k, v in med.items():
-            print(f"  {k:<12} {v:7.3f} s  {steps / v:9.1f} samples/s")
-        print(
-            f"throughput ratio paralab / hand-written DDP: {med['hand'] / med['paralab']:.3f}  (target >= 0.98)"
-        )
-        print(
-            f"measurement overhead (sampling on step 2 and every 50): {100 * (med['paralab'] / med['no sampling'] - 1):+.1f}%"
-        )
+    log = setup_rank_logging(root, rank)
+    log.setLevel("ERROR")  # paralab's per-run info and warnings would bury the table
+
+    first = True
+    for size_name in args.sizes:
+        size = SIZES[size_name]
+        steps = max(3, round(size.steps * args.steps_scale))
+        for strategy in args.strategies:
+            shipped, unsampled = case_configs(strategy, size, steps, args.overrides)
+            if first:
+                set_threads(shipped, env)
+                if rank == 0:
+                    meaningful, note = timing_check(env, DEVICE)
+                    print(
+                        f"world={world} threads/rank={torch.get_num_threads()} repeats={args.repeats}: "
+                        "median loop wall times (setup excluded)\n"
+                        "hand/paralab = paralab's throughput relative to hand-written (targets shown, never "
+                        "enforced); sampling = cost of measure_every=50 over 0"
+                    )
+                    if not meaningful:
+                        print(f"warning: {note}")
+                    print(HEADER, flush=True)
+                first = False
+            runs: dict[str, Callable[[Path], float]] = {
+                "paralab": lambda job, c=shipped: paralab_loop(c, job, log),
+                "unsampled": lambda job, c=unsampled: paralab_loop(c, job, log),
+                "hand": lambda job, c=shipped, s=strategy: STRATEGIES[s](c, mesh),
+            }
+            walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for r in range(args.repeats):
+                # Interleaved, and each repeat starts at a different variant: drift in machine load
+                # and position in the sequence hit all three alike.
+                for v in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
+                    walls[v].append(rank0(runs[v](root / f"{strategy}-{size_name}-{v}-{r}")))
+            if rank == 0:
+                med = {v: statistics.median(w) for v, w in walls.items()}
+                print(row(strategy, size_name, size, steps, med), flush=True)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
     dist.destroy_process_group()
     return 0
 
