@@ -13,11 +13,13 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments.theory import ring_bytes
@@ -125,6 +127,56 @@ def storage_bytes(tensors: Iterable[Tensor | None], seen: set[int] | None = None
         seen.add(s.data_ptr())
         total += s.nbytes()
     return total
+
+
+def _splits(p: Tensor) -> Iterable[tuple[str, int, int]]:
+    """(mesh dim name, tensor dim, ways) for each mesh dim of size > 1 that splits p."""
+    if not isinstance(p, DTensor):
+        return
+    names = p.device_mesh.mesh_dim_names or ()
+    for i, placement in enumerate(p.placements):
+        # FSDP over TP-sharded parameters shards them again as _StridedShard (not a Shard).
+        if (placement.is_shard() or isinstance(placement, _StridedShard)) and p.device_mesh.size(i) > 1:
+            yield (names[i] if i < len(names) else str(i)), placement.dim, p.device_mesh.size(i)  # type: ignore[attr-defined]
+
+
+def tp_local_shapes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
+    """This rank's parameter shapes as tensor parallelism leaves them (before any FSDP sharding)."""
+    shapes = []
+    for p in model.parameters():
+        shape = list(p.shape)
+        for mesh_dim, dim, ways in _splits(p):
+            if mesh_dim == "tp":
+                shape[dim] //= ways
+        shapes.append(tuple(shape))
+    return tuple(shapes)
+
+
+def layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """What this rank really holds: the evidence that a strategy sharded what it claims to.
+
+    Elements stored here against the full size of the parameters present, the full size of those
+    sharded over each named mesh dim, the optimizer's own parameters (ZeRO-1 owns a subset), and
+    which blocks (plus stem, head) live on this rank.
+    """
+    local = full = 0
+    sharded: dict[str, int] = defaultdict(int)
+    for p in model.parameters():
+        local += _local(p).numel()
+        full += p.numel()
+        for mesh_dim, _, _ in _splits(p):
+            sharded[mesh_dim] += p.numel()
+    owned = sum(_local(p).numel() for g in local_optimizer(opt).param_groups for p in g["params"])
+    blocks = getattr(model, "blocks", None)
+    return {
+        "param_elements_local": local,
+        "param_elements_full": full,
+        "sharded_elements": dict(sharded),
+        "optimizer_param_elements": owned,
+        "blocks": list(blocks.keys()) if blocks is not None else [],
+        "stem": getattr(model, "stem", None) is not None,
+        "head": getattr(model, "head", None) is not None,
+    }
 
 
 def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:

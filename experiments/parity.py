@@ -20,9 +20,11 @@ from experiments.validate import validate
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FP32_REL_TOL = 1e-5
-# bf16 keeps 8 mantissa bits (one ulp is 2^-8 ≈ 3.9e-3 relative); sharded runs reduce in a
-# different order, so the same rounding can land one ulp apart: agreement is within one bf16 ulp.
-BF16_REL_TOL = 4e-3
+# Under bf16 autocast the loss is still computed in fp32; sharded runs reduce in another order, so
+# matmul outputs round differently now and then. Measured: 2.6e-5 (zero3, ddp), 9.1e-5 (tp) on 2
+# ranks, while an fp32 run sits 1.7e-4 from the bf16 reference: the tolerance alone cannot tell
+# them apart, so the parity test also requires a bf16 run to be closer to the bf16 reference.
+BF16_REL_TOL = 3e-4
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -32,13 +32,20 @@ class ModelSizes:
     psi: int  # parameters of the whole model
     param_bytes: int  # bytes per parameter element (4 for fp32 weights)
     assigned_psi: int | None = None  # ZeRO-1: parameters whose optimizer state this rank owns
-    shapes: tuple[tuple[int, ...], ...] = ()  # every parameter's shape, for FSDP's padding
+    # This rank's parameters as tensor parallelism leaves them (whole where there is no TP), and
+    # how many blocks it holds: what FSDP shards and gathers, group by group.
+    local_shapes: tuple[tuple[int, ...], ...] = ()
+    blocks_here: int = 0
+
+    @property
+    def local_psi(self) -> int:
+        return sum(math.prod(s) for s in self.local_shapes) if self.local_shapes else self.psi
 
     def padded_psi(self, n: int) -> int:
-        """Elements FSDP2 moves: each parameter's dim 0 padded up to a multiple of n ranks."""
-        if not self.shapes:
+        """Elements FSDP2 moves: each local parameter's dim 0 padded up to a multiple of n ranks."""
+        if not self.local_shapes:
             return self.psi
-        return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in self.shapes)
+        return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in self.local_shapes)
 
 
 @dataclass(frozen=True)
@@ -53,8 +60,10 @@ class Setting:
     pp_rank: int = 0
 
 
-# (collective -> (payload bytes S per step, group size)), or None where there is no prediction.
-CommTheory = Callable[[Setting], dict[str, tuple[float, int]] | None]
+# collective -> (payload bytes S per step, group size, calls per step or None where not predicted);
+# the whole result is None where the strategy has no prediction.
+Payload = dict[str, tuple[float, int, int | None]]
+CommTheory = Callable[[Setting], Payload | None]
 
 
 def optimizer_state_bytes_per_param(cfg: Config) -> int:
@@ -93,33 +102,39 @@ def memory(stage: str | None, x: Setting) -> dict[str, float]:
 # ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
 
 
-def no_comm(x: Setting) -> dict[str, tuple[float, int]]:
+def no_comm(x: Setting) -> Payload:
     return {}
 
 
-def ddp_comm(x: Setting) -> dict[str, tuple[float, int]]:
-    # Every gradient once per step: no_sync keeps the inner micro-steps local.
-    return {"all_reduce": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp)}
+def ddp_comm(x: Setting) -> Payload:
+    # Every gradient of this rank's parameters once per step: no_sync keeps the inner micro-steps
+    # local. Calls are the buckets; predicted where the gradient fits in one.
+    size = x.sizes.param_bytes * x.sizes.local_psi
+    one_bucket = size <= x.cfg.strategy.bucket_cap_mb * 2**20
+    return {"all_reduce": (size, x.degrees.dp, 1 if one_bucket else None)}
 
 
-def zero1_comm(x: Setting) -> dict[str, tuple[float, int]]:
+def zero1_comm(x: Setting) -> Payload:
     # DDP's all-reduce, then each updated parameter broadcast from the rank that owns its state.
-    return {**ddp_comm(x), "broadcast": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp)}
+    params = len(x.sizes.local_shapes) or None
+    return {**ddp_comm(x), "broadcast": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp, params)}
 
 
-def fsdp_comm(x: Setting) -> dict[str, tuple[float, int]]:
+def fsdp_comm(x: Setting) -> Payload:
     # Forward gathers every parameter on each micro-step; ZeRO-3 gathers them again for backward
-    # (ZeRO §7). Gradients are reduce-scattered once per step. FSDP2 pads dim 0 to the world.
-    n, b = x.degrees.dp, x.sizes.param_bytes
+    # (ZeRO §7). Gradients are reduce-scattered once per step. One collective per FSDP group (each
+    # block, and the root's own parameters); FSDP2 pads each local dim 0 to the group size.
+    n, b, a = x.degrees.dp_shard, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
     padded = x.sizes.padded_psi(n)
     gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
+    groups = x.sizes.blocks_here + 1
     return {
-        "all_gather": (b * x.cfg.train.grad_accum_steps * gathers * padded, n),
-        "reduce_scatter": (b * padded, n),
+        "all_gather": (b * a * gathers * padded, n, groups * a * gathers),
+        "reduce_scatter": (b * padded, n, groups),
     }
 
 
-def tp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
+def tp_comm(x: Setting) -> Payload | None:
     # Megatron: one all-reduce per column→row pair forward and one backward; a transformer layer
     # has two pairs (attention, MLP), the MLP block one.
     cfg = x.cfg
@@ -128,8 +143,14 @@ def tp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
     h, a = cfg.model.hidden, cfg.train.grad_accum_steps
     transformer = cfg.model.name == "transformer"
     pairs = 2 if transformer else 1
+    layers = x.sizes.blocks_here
     tokens = x.local_batch * (x.seq_len if transformer else 1) // a
-    return {"all_reduce": (4 * a * 2 * pairs * cfg.model.layers * tokens * h, x.degrees.tp)}
+    return {"all_reduce": (4 * a * 2 * pairs * layers * tokens * h, x.degrees.tp, a * 2 * pairs * layers)}
+
+
+def fsdp_tp_comm(x: Setting) -> Payload | None:
+    tp = tp_comm(x)
+    return None if tp is None else {**fsdp_comm(x), **tp}
 
 
 def _boundary_features(cfg: Config, seq_len: int) -> int | None:
@@ -141,7 +162,7 @@ def _boundary_features(cfg: Config, seq_len: int) -> int | None:
     return None
 
 
-def pp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
+def pp_comm(x: Setting) -> Payload | None:
     """Activations forward and their gradients back, at each boundary between two ranks' stages."""
     cfg, pp = x.cfg, x.degrees.pp
     features = _boundary_features(cfg, x.seq_len)
@@ -152,15 +173,20 @@ def pp_comm(x: Setting) -> dict[str, tuple[float, int]] | None:
     owner = {sid: r for r in range(pp) for sid in stage_ids(r, pp, v, s.schedule)}
     n_micro = s.microbatches * cfg.train.grad_accum_steps
     per_micro = x.local_batch // n_micro * features * 4
-    sent = received = 0
+    boundaries = 0
     for i in range(pp * v - 1):
         a, b = owner[i], owner[i + 1]
-        if a == b:
-            continue  # two stages on one rank hand over in memory
-        if x.pp_rank in (a, b):  # forward one way, backward the other
-            sent += n_micro * per_micro
-            received += n_micro * per_micro
-    return {"send": (sent, 2), "recv": (received, 2)} if sent else {}
+        if a != b and x.pp_rank in (a, b):  # two stages on one rank hand over in memory
+            boundaries += 1  # forward one way, backward the other
+    if not boundaries:
+        return {}
+    each = (boundaries * n_micro * per_micro, 2, boundaries * n_micro)
+    return {"send": each, "recv": each}
+
+
+def ddp_pp_comm(x: Setting) -> Payload | None:
+    pp = pp_comm(x)
+    return None if pp is None else {**pp, **ddp_comm(x)}
 
 
 def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
@@ -171,15 +197,17 @@ def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
     world = x.degrees.world_size
     if x.cfg.train.grad_clip > 0 and world > 1:
         # Clipping needs the global norm every step: one fp32 scalar, summed over the world.
-        size, n = payload.get("all_reduce", (0.0, world))
-        payload = {**payload, "all_reduce": (size + 4, n)}
+        size, n, calls = payload.get("all_reduce", (0.0, world, 0))
+        payload = {**payload, "all_reduce": (size + 4, n, None if calls is None else calls + 1)}
         clip_wire = ring_bytes("all_reduce", 4, world) - ring_bytes("all_reduce", 4, n)
     else:
         clip_wire = 0.0
     out: dict[str, float] = {}
-    for coll, (size, n) in payload.items():
+    for coll, (size, n, calls) in payload.items():
         out[Tag.theory_comm(coll, "bytes")] = size
         out[Tag.theory_comm(coll, "wire_bytes")] = ring_bytes(coll, size, n)
+        if calls is not None:
+            out[Tag.theory_comm(coll, "calls")] = calls
     if clip_wire:
         out[Tag.theory_comm("all_reduce", "wire_bytes")] += clip_wire
     return out

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from experiments.config import ConfigError, StrategyConfig
-from experiments.predict import CommTheory, ddp_comm, fsdp_comm, no_comm, pp_comm, tp_comm, zero1_comm
+from experiments.predict import (
+    CommTheory,
+    ddp_comm,
+    ddp_pp_comm,
+    fsdp_comm,
+    fsdp_tp_comm,
+    no_comm,
+    pp_comm,
+    tp_comm,
+    zero1_comm,
+)
 from parallel.dataparallel import apply_dp
 from parallel.ddp import apply_ddp
 from parallel.fsdp import apply_fsdp
@@ -55,7 +65,8 @@ STRATEGIES: dict[str, StrategySpec] = {
     REFERENCE: StrategySpec(
         apply_single, None, stage="dp", comm=no_comm, shards="nothing: the reference run"
     ),
-    "dp": StrategySpec(apply_dp, None, stage="dp", shards="the batch over GPUs in one process"),
+    # DataParallel copies through torch.cuda.comm, never c10d: no process-group traffic at all.
+    "dp": StrategySpec(apply_dp, None, stage="dp", comm=no_comm, shards="the batch over GPUs in one process"),
     "ddp": StrategySpec(
         apply_ddp, "dp_replicate", stage="dp", comm=ddp_comm, shards="the batch; grads all-reduced"
     ),
@@ -82,10 +93,15 @@ STRATEGIES: dict[str, StrategySpec] = {
         shards="layers; one batch at a time",
     ),
     "fsdp_tp": StrategySpec(
-        apply_fsdp_tp, "dp_shard", TP, needs_tp_plan=True, shards="batch × FSDP, weights × TP"
+        apply_fsdp_tp,
+        "dp_shard",
+        TP,
+        needs_tp_plan=True,
+        comm=fsdp_tp_comm,
+        shards="batch × FSDP, weights × TP",
     ),
     "ddp_pp": StrategySpec(
-        apply_ddp_pp, "dp_replicate", PP, pipelined=True, shards="batch × DDP, layers × PP"
+        apply_ddp_pp, "dp_replicate", PP, pipelined=True, comm=ddp_pp_comm, shards="batch × DDP, layers × PP"
     ),
     "fsdp_tp_pp": StrategySpec(
         apply_fsdp_tp_pp,

@@ -47,6 +47,18 @@ def train(job_dir: Path, *overrides: str, tiny: bool = True) -> dict:
     return json.loads((job_dir / "metrics.json").read_text())
 
 
+def compare(sweep_dir: Path) -> subprocess.CompletedProcess:
+    """`python -m experiments.compare <sweep dir>`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compare", str(sweep_dir)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 from experiments.parity import run_case
 from experiments.record import METRICS_FILE, RunRecord
-from tests.helpers import REPO, child_env
+from tests.helpers import compare
 
 COMMON = [
     "train.steps=4",
@@ -22,17 +20,6 @@ COMMON = [
     "dataset.input_shape=[8]",
 ]
 NOTE = "4 ranks share 2 cores on this node: test note"
-
-
-def compare(sweep_dir) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.compare", str(sweep_dir)],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_compare_marks_timings_that_are_not_meaningful(tmp_path):

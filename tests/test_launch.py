@@ -176,5 +176,7 @@ def test_slurm_launcher_writes_an_sbatch_script(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = (job / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
-    assert f"-m experiments.worker {job}" in script
-    assert str(REPO) in script
+    lines = script.splitlines()
+    # srun starts in the submit directory's copy of the repo, wherever sbatch was called from.
+    assert f"cd {REPO}" in lines, lines
+    assert any(line.startswith("srun ") and line.endswith(f"-m experiments.worker {job}") for line in lines)

@@ -38,7 +38,6 @@ COMMON = [
     "train.steps=5",
     "train.global_batch_size=16",
     "dataset.num_samples=256",
-    "train.save_checkpoint=true",
     "launcher=torchrun",
 ]
 
@@ -70,7 +69,6 @@ G = tuple(GPT)
 MATRIX = [
     *(Case(s, w) for s in ("ddp", "zero1", "zero2", "zero3", "tp", "pp", "mp") for w in (2, 4)),
     *(Case(s, 1) for s in ("ddp", "zero1", "fsdp", "tp")),
-    Case("dp", 1),
     Case("tp", 2, G),
     Case("tp", 4, G, ("strategy.sequence_parallel=true",)),
     *(
@@ -90,6 +88,18 @@ MATRIX = [
     Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
     Case("ddp", 4, CNN),
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
+    # Momentum and weight decay are optimizer state and math that ZeRO-1 shards; cosine with warmup.
+    Case(
+        "zero1",
+        2,
+        extra=(
+            "train.lr_schedule=cosine",
+            "train.warmup_steps=2",
+            "train.momentum=0.9",
+            "train.weight_decay=0.01",
+        ),
+    ),
+    Case("fsdp", 2, extra=("train.lr_schedule=cosine", "train.warmup_steps=2", "train.momentum=0.9")),
     # Clipping reduces the norm's shares once per step, whatever the sharding.
     Case("fsdp", 2, extra=("train.grad_clip=0.3",)),
     Case("tp", 2, G, ("train.grad_clip=0.3",)),
@@ -112,10 +122,87 @@ def references(tmp_path_factory):
     return get
 
 
-def full_params(job: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+def fresh_model(overrides: list[str]):
     cfg: Config = compose_config(overrides)  # type: ignore[assignment]
-    model = build_model(cfg.model, dataset_spec(cfg.dataset))
-    return load_full_model_state(job, model)
+    return build_model(cfg.model, dataset_spec(cfg.dataset))
+
+
+def full_params(job: Path, overrides: list[str]) -> dict[str, torch.Tensor]:
+    return load_full_model_state(job, fresh_model(overrides))
+
+
+def tp_sharded_elements(model) -> int:
+    """Megatron's split, from the model's own plan: column-parallel weight and bias, row-parallel weight."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    total = 0
+    for block in model.blocks.values():
+        for name, style in model.tp_plan(False).items():
+            layer = block.get_submodule(name)
+            if isinstance(style, ColwiseParallel):
+                total += sum(p.numel() for p in layer.parameters())
+            elif isinstance(style, RowwiseParallel):
+                total += layer.weight.numel()
+    return total
+
+
+def expected_stages(blocks: list[str], pp: int, schedule: str) -> list[tuple[list[str], bool, bool]]:
+    """Per pipeline rank: its blocks, whether it holds the stem, the head (independent of paralab's code)."""
+    v = 2 if schedule in ("interleaved1f1b", "looped_bfs", "interleaved_zb", "zbv") else 1
+    n = pp * v
+    size = [len(blocks) // n + (1 if s < len(blocks) % n else 0) for s in range(n)]
+    starts = [sum(size[:s]) for s in range(n)]
+    groups = [blocks[starts[s] : starts[s] + size[s]] for s in range(n)]
+    out = []
+    for r in range(pp):
+        ids = sorted([r, 2 * pp - 1 - r] if schedule == "zbv" else [r + i * pp for i in range(v)])
+        out.append(([b for i in ids for b in groups[i]], 0 in ids, n - 1 in ids))
+    return out
+
+
+def check_layout(case: Case, got: dict) -> None:
+    """Each rank holds what its strategy claims: a strategy that falls back to replication fails."""
+    d, psi = got["degrees"], got["params"]
+    model = fresh_model(case.overrides)
+    blocks = list(model.blocks.keys())
+    tp_s = tp_sharded_elements(model) if d["tp"] > 1 else 0
+    pipelined = got["schedule"] is not None
+    stages = expected_stages(blocks, d["pp"], got["schedule"]) if pipelined else None
+    layouts = [r["layout"] for r in got["ranks"]]
+    for rank, lay in enumerate(layouts):
+        pp_rank = rank // (len(layouts) // d["pp"])  # pp is the outermost mesh dim
+        if stages is not None:
+            assert (lay["blocks"], lay["stem"], lay["head"]) == stages[pp_rank], (case, rank, lay)
+        else:
+            assert lay["blocks"] == blocks and lay["stem"] and lay["head"], (case, rank, lay)
+            assert lay["param_elements_full"] == psi
+        full, local = lay["param_elements_full"], lay["param_elements_local"]
+        tp_here = lay["sharded_elements"].get("tp", 0)
+        if d["tp"] > 1:
+            if not pipelined:
+                assert tp_here == tp_s, (case, rank, "tensor parallelism must split", tp_here, tp_s)
+            else:
+                assert tp_here > 0, (case, rank, lay)
+        else:
+            assert tp_here == 0
+        if d["dp_shard"] > 1:
+            assert lay["sharded_elements"].get("dp_shard") == full, (case, rank, "FSDP must shard all", lay)
+        tp_local = full - tp_here + tp_here // d["tp"]
+        if d["dp_shard"] == 1:
+            assert local == tp_local, (case, rank, local, tp_local)
+        else:
+            assert local < tp_local, (case, rank, local, tp_local)
+    if d["dp_shard"] > 1:
+        # The dp_shard ranks of one tp/pp coordinate partition their TP-local parameters.
+        n = d["dp_shard"] * d["tp"]
+        for first in range(0, len(layouts), n):
+            for t in range(d["tp"]):
+                group = layouts[first + t : first + n : d["tp"]]
+                full, tp_here = group[0]["param_elements_full"], group[0]["sharded_elements"].get("tp", 0)
+                assert sum(g["param_elements_local"] for g in group) == full - tp_here + tp_here // d["tp"]
+    if got["strategy"] == "zero1" and d["dp_replicate"] > 1:
+        owned = [lay["optimizer_param_elements"] for lay in layouts]
+        assert sum(owned) == psi and max(owned) < psi, (case, "ZeRO-1 must split the optimizer", owned)
 
 
 def check(case: Case, tmp_path: Path, references) -> None:
@@ -125,13 +212,20 @@ def check(case: Case, tmp_path: Path, references) -> None:
     tol = tolerance(got["precision"])
     worst = max(deviations(got["losses"], ref["losses"]))
     assert worst <= tol, f"{case}: loss deviates {worst:.2e} > {tol:.0e}\n{got['losses']}\n{ref['losses']}"
+    if got["precision"] == "bf16":
+        # A run that ignored autocast would sit at the fp32 trajectory, within the tolerance.
+        fp32, _ = references(
+            Case(case.strategy, case.world, case.model, (*case.extra, "train.precision=fp32"))
+        )
+        nearest_fp32 = max(deviations(got["losses"], fp32["losses"]))
+        assert worst < nearest_fp32, f"{case}: closer to fp32 ({nearest_fp32:.2e}) than to bf16 ({worst:.2e})"
     # The norm is reduced once per log step from each rank's share: it must be the whole gradient's.
     worst = max(deviations(got["grad_norms"], ref["grad_norms"]))
     assert worst <= 10 * tol, (
         f"{case}: grad norm deviates {worst:.2e}\n{got['grad_norms']}\n{ref['grad_norms']}"
     )
+    check_layout(case, got)
     mine, theirs = full_params(tmp_path / "job", case.overrides), full_params(ref_job, case.overrides)
-    assert mine.keys() == theirs.keys()
     for name, value in mine.items():
         scale = theirs[name].abs().max().clamp_min(1e-3)
         dev = ((value - theirs[name]).abs().max() / scale).item()

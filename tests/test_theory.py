@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from omegaconf import OmegaConf
 
 from experiments.theory import (
     FP32_ADAM,
@@ -77,9 +78,35 @@ def test_fp32_adam_formulas():
     assert zero_model_state_bytes("os+g+p", psi, n, FP32_ADAM) == 16 * psi / n
 
 
-def test_zero_communication_volumes():
-    assert zero_comm_elements("dp", 10) == 20 and zero_comm_elements("os+g", 10) == 20
-    assert zero_comm_elements("os+g+p", 10) == 1.5 * zero_comm_elements("dp", 10)
+def _setting(*overrides: str, world: int):
+    from experiments.parity import compose_config
+    from experiments.predict import Setting
+    from parallel.mesh import resolve_degrees
+
+    cfg = OmegaConf.to_object(compose_config([*overrides, f"launcher.nproc_per_node={world}"]))
+    d = resolve_degrees(cfg.strategy, world)
+    return (
+        cfg,
+        d,
+        lambda sizes: Setting(cfg, d, sizes, cfg.train.global_batch_size // d.dp, cfg.dataset.seq_len),
+    )
+
+
+def _wire(payload) -> float:
+    return sum(ring_bytes(c, size, n) for c, (size, n, _) in payload.items())
+
+
+@pytest.mark.parametrize(("strategy", "stage"), [("ddp", "dp"), ("zero2", "os+g"), ("zero3", "os+g+p")])
+def test_the_running_comm_prediction_is_zero_section_7(strategy, stage):
+    """ZeRO §7: DP and ZeRO-2 move 2Ψ per rank per step, ZeRO-3 3Ψ (ring, (N−1)/N each way)."""
+    from experiments.predict import ModelSizes
+    from parallel.registry import get_spec
+
+    n, psi = 4, 64 * 32
+    _, _, setting = _setting(f"strategy={strategy}", "model=mlp", world=n)
+    sizes = ModelSizes(psi, 4, local_shapes=((64, 32),), blocks_here=0)
+    predicted = _wire(get_spec(strategy).comm(setting(sizes)))
+    assert predicted == pytest.approx((n - 1) / n * 4 * zero_comm_elements(stage, psi))
 
 
 def test_ring_collectives():
@@ -97,10 +124,18 @@ def test_bubble_definitions_p4_m8():
     assert bubble_share_of_total(4, 16) < 0.16  # "negligible when M ≥ 4K"
 
 
-def test_megatron_tp_volume():
-    # 4 all-reduces of b·s·h per layer (2 forward, 2 backward), each 2(t−1)/t on a ring.
-    b, s, h, t = 2, 8, 16, 4
-    assert tp_elements_per_layer(b, s, h, t) == 4 * ring_bytes("all_reduce", b * s * h, t)
+def test_the_running_tp_prediction_is_megatrons():
+    """Megatron: 8·b·s·h·(t−1)/t elements moved per transformer layer, as the tp run predicts it."""
+    from experiments.predict import ModelSizes
+    from parallel.registry import get_spec
+
+    t, layers = 4, 3
+    cfg, _, setting = _setting(
+        "strategy=tp", "model=transformer", "dataset=tokens", f"model.layers={layers}", world=t
+    )
+    b, s, h = cfg.train.global_batch_size, cfg.dataset.seq_len, cfg.model.hidden
+    predicted = _wire(get_spec("tp").comm(setting(ModelSizes(1, 4, blocks_here=layers))))
+    assert predicted == pytest.approx(4 * layers * tp_elements_per_layer(b, s, h, t))
 
 
 def test_transformer_parameter_count_matches_our_model():

@@ -1,0 +1,1 @@
+"""`make mutants`: the suite must catch deliberately broken implementations (see run.py)."""

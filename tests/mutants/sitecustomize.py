@@ -1,0 +1,213 @@
+"""Deliberately broken implementations for `make mutants`, injected at interpreter start.
+
+Python imports `sitecustomize` from sys.path at every start, so with
+`PYTHONPATH=tests/mutants:<repo>` and `PARALAB_MUTANT=<name>` every process of a run gets the same
+mutant: pytest itself, torchrun's agent, the forkserver and the ranks it forks, spawned ranks and
+`python train.py` subprocesses. Without PARALAB_MUTANT this module does nothing (not even import
+torch). With it, one import hook waits for the paralab module that looks the target name up and
+patches that module right after it executes, so the project's files are never edited.
+
+With PARALAB_MUTANT_TRACE=<file> each process appends `<pid> <mutant> armed`, then
+`<pid> <mutant> patched <module>` once the hook has fired, and `<pid> <mutant> hit <what>` the
+first time the broken code runs in that process: proof that the ranks, not only the parent, ran it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MUTANT = os.environ.get("PARALAB_MUTANT", "")
+TRACE = os.environ.get("PARALAB_MUTANT_TRACE", "")
+
+
+def _chain_shadowed_sitecustomize() -> None:
+    """Run the sitecustomize this one shadows (a distribution's, later on sys.path), if any."""
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None or spec.origin == os.path.abspath(__file__):
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+_chain_shadowed_sitecustomize()
+
+
+def trace(event: str) -> None:
+    if TRACE:
+        fd = os.open(TRACE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, f"{os.getpid()} {MUTANT} {event}\n".encode())
+        finally:
+            os.close(fd)
+
+
+_hit_in: dict[str, int] = {}
+
+
+def hit(what: str) -> None:
+    """Record, once per process, that the broken code ran (forked children record their own)."""
+    if _hit_in.get(what) != os.getpid():
+        _hit_in[what] = os.getpid()
+        trace(f"hit {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The mutants: each patches one module, the one where paralab looks the name up, after it runs.
+
+
+def tp_noop(tensor) -> None:
+    """parallel.tensor: parallelize_module shards nothing and returns the module unchanged."""
+
+    def parallelize_module(module, device_mesh=None, parallelize_plan=None, **kwargs):
+        hit("parallelize_module")
+        return module
+
+    tensor.parallelize_module = parallelize_module
+
+
+def ddp_sync_every_microstep(ddp) -> None:
+    """parallel.ddp: DistributedDataParallel.no_sync is a null context, so every micro-step syncs."""
+    from contextlib import nullcontext
+
+    def no_sync(self):
+        hit("DistributedDataParallel.no_sync")
+        return nullcontext()
+
+    ddp.DistributedDataParallel.no_sync = no_sync
+
+
+def autocast_ignored(base) -> None:
+    """parallel.base: the `torch` that StrategyContext.autocast calls has an autocast that does nothing."""
+    import types
+    from contextlib import nullcontext
+
+    real = base.torch
+
+    class TorchWithoutAutocast(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def autocast(*args, **kwargs):
+            hit("torch.autocast")
+            return nullcontext()
+
+    base.torch = TorchWithoutAutocast("torch")
+
+
+def fsdp_full_params(fsdp) -> None:
+    """parallel.fsdp: fully_shard keeps the full parameters (and the module still takes
+    set_requires_gradient_sync, so accumulation runs)."""
+
+    def fully_shard(module, **kwargs):
+        hit("fully_shard")
+        module.set_requires_gradient_sync = lambda requires_gradient_sync, *, recurse=True: None
+        return module
+
+    fsdp.fully_shard = fully_shard
+
+
+def pp_wrong_blocks(pipeline) -> None:
+    """parallel.pipeline: the stages get the block groups in reverse order; the model still runs."""
+    split = pipeline.split_blocks
+
+    def split_blocks(names, num_stages):
+        hit("split_blocks")
+        return list(reversed(split(names, num_stages)))
+
+    pipeline.split_blocks = split_blocks
+
+
+def zero1_unsharded(zero) -> None:
+    """parallel.zero: the ZeRO-1 optimizer is a plain one of the same class, full state on every rank."""
+
+    def ZeroRedundancyOptimizer(params, optimizer_class, process_group=None, **kwargs):  # noqa: N802
+        hit("ZeroRedundancyOptimizer")
+        return optimizer_class(params, **kwargs)
+
+    zero.ZeroRedundancyOptimizer = ZeroRedundancyOptimizer
+
+
+def sampler_same_samples(sampler) -> None:
+    """data.sampler: every data-parallel rank takes the first slice of the global batch."""
+    cls = sampler.ShardedBatchSampler
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):  # noqa: N807
+        init(self, *args, **kwargs)
+        if self.offset:
+            hit("ShardedBatchSampler.offset")
+        self.offset = 0
+
+    cls.__init__ = __init__
+
+
+# name -> (module to patch, patch)
+MUTANTS = {
+    "tp_noop": ("parallel.tensor", tp_noop),
+    "ddp_sync_every_microstep": ("parallel.ddp", ddp_sync_every_microstep),
+    "autocast_ignored": ("parallel.base", autocast_ignored),
+    "fsdp_full_params": ("parallel.fsdp", fsdp_full_params),
+    "pp_wrong_blocks": ("parallel.pipeline", pp_wrong_blocks),
+    "zero1_unsharded": ("parallel.zero", zero1_unsharded),
+    "sampler_same_samples": ("data.sampler", sampler_same_samples),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The post-import hook.
+
+
+def _install(target: str, patch) -> None:
+    import importlib.abc
+
+    def apply(module) -> None:
+        patch(module)
+        trace(f"patched {target}")
+
+    if target in sys.modules:  # imported before us (not expected): patch it in place
+        apply(sys.modules[target])
+        return
+
+    class PatchAfterExec(importlib.abc.Loader):
+        def __init__(self, loader) -> None:
+            self.loader = loader
+
+        def create_module(self, spec):
+            return self.loader.create_module(spec)
+
+        def exec_module(self, module) -> None:
+            self.loader.exec_module(module)
+            apply(module)
+
+        def __getattr__(self, name):  # get_source, get_filename, ... for tracebacks and tools
+            return getattr(self.loader, name)
+
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target_module=None):
+            if fullname != target:
+                return None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target_module)
+                if spec is not None:
+                    if spec.loader is not None:
+                        spec.loader = PatchAfterExec(spec.loader)
+                    return spec
+            return None
+
+    sys.meta_path.insert(0, Finder())
+
+
+if MUTANT:
+    if MUTANT not in MUTANTS:
+        sys.exit(f"PARALAB_MUTANT={MUTANT}: unknown mutant; choose one of {', '.join(MUTANTS)}")
+    trace("armed")
+    _install(*MUTANTS[MUTANT])
