@@ -32,8 +32,13 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     deterministic: bool = True
-    # Save the final model with torch.distributed.checkpoint (sharded, reshardable).
-    save_checkpoint: bool = False
+    # Training-state checkpoints (torch.distributed.checkpoint) in <job dir>/checkpoints/step_<N>:
+    # every `checkpoint_every` steps (0 = only the final one), the newest `keep_checkpoints` kept
+    # (0 = all). resume: auto (the newest complete checkpoint in this job dir, if any) | never |
+    # the path of another job dir or checkpoint (it may be of another strategy or world size).
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: str = "auto"
     # Count communication and memory on step 3 and every `measure_every` steps (0 = never). The
     # counter sees every op, so these steps are left out of the reported throughput.
     measure_every: int = 50
@@ -109,6 +114,12 @@ class LauncherConfig:
     start_method: str = "forkserver"
     # Intra-op threads per rank; 0 divides the machine's cores evenly among the local ranks.
     threads_per_rank: int = 0
+    # Seconds a collective (or the initial rendezvous of the ranks) may wait for a peer before the
+    # job fails naming the rank and the collective: a stuck or stopped rank is an error, not a hang.
+    timeout_s: int = 600
+    # Seconds the ranks get to stop on their own (SIGTERM: checkpoint at the next log step; Ctrl-C)
+    # before the launcher kills them.
+    grace_s: int = 30
     # SLURM
     partition: str = ""
     time_min: int = 30

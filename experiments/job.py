@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments import worker
-from experiments.config import Config, ConfigError, save_frozen
+from experiments.config import FROZEN_CONFIG, Config, ConfigError, save_frozen
 from experiments.record import METRICS_FILE, RunRecord
 from experiments.validate import validate
 from parallel.launch import launch
@@ -58,6 +58,49 @@ def _discard_if_fresh(job_dir: Path) -> None:
         shutil.rmtree(job_dir, ignore_errors=True)
 
 
+# Keys that may differ from the config already in the job dir: a longer run, another source, and
+# the node of a multi-node job (every node's agent shares the one job dir).
+RERUN_MAY_CHANGE = {("train", "steps"), ("train", "resume"), ("launcher", "node_rank")}
+
+
+def _first_difference(old: object, new: object, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if (*path, key) in RERUN_MAY_CHANGE:
+                continue
+            found = _first_difference(old.get(key), new.get(key), (*path, key))
+            if found is not None:
+                return found
+        return None
+    return None if old == new else path
+
+
+def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
+    """A job dir that already holds a run: the same config continues it (resume); another is refused.
+
+    Returns the final loss when that run already finished every step (nothing to do), else None.
+    """
+    frozen = job_dir / FROZEN_CONFIG
+    if not frozen.is_file():
+        return None
+    old = OmegaConf.to_container(OmegaConf.load(frozen))
+    new = OmegaConf.to_container(cfg, resolve=True)
+    new.pop("hydra", None)  # type: ignore[union-attr]
+    diff = _first_difference(old, new)
+    if diff is not None:
+        key = ".".join(diff)
+        raise ConfigError(
+            f"{job_dir} holds a run with another {key} ({OmegaConf.select(OmegaConf.create(old), key)} "
+            f"there, {OmegaConf.select(cfg, key)} now); use a new hydra.run.dir, or "
+            f"train.resume={job_dir} in a new one to start from its checkpoint"
+        )
+    if (job_dir / METRICS_FILE).is_file():
+        record = RunRecord.read(job_dir)
+        if record.steps >= cfg.train.steps and len(record.losses) >= cfg.train.steps:
+            return record.final_loss
+    return None
+
+
 def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -78,6 +121,7 @@ def run_job(cfg: DictConfig) -> float | None:
                 cfg.launcher.nnodes = int(os.environ["WORLD_SIZE"]) // local
         typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         validate(typed)
+        finished = check_rerun(cfg, job_dir)
     except ConfigError as e:
         print(f"paralab: config error: {e}", file=sys.stderr)
         _discard_if_fresh(job_dir)
@@ -88,6 +132,11 @@ def run_job(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
 
+    if finished is not None:
+        print(f"paralab: {job_dir} is finished: all {typed.train.steps} steps are done; nothing to do")
+        if external:
+            worker.publish_job_dir(None)
+        return finished
     if external:
         save_frozen(cfg, job_dir)
         worker.publish_job_dir(job_dir)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from experiments import checkpoint, signals
 from experiments.config import Config
 from experiments.distenv import RankEnv
 from experiments.metrics import write_hparams
@@ -19,19 +22,56 @@ from experiments.step import train_step
 def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: logging.Logger) -> float:
     run = setup(cfg, env, device, job_dir, log)
     t, state, meter = cfg.train, run.state, run.meter
-    for step in range(state.step + 1, t.steps + 1):
-        probe = meter.begin(step)
-        result = train_step(
-            run.par, state, run.batches, run.norm, t.grad_accum_steps, t.grad_clip, device, probe
-        )
-        meter.end(step, result)
-    meter.stop()
-    run.sink.close()
-    if t.save_checkpoint:
-        from experiments.checkpoint import save_model
-
-        save_model(run.par.model, job_dir)
+    stopped = False
+    try:
+        for step in range(state.step + 1, t.steps + 1):
+            probe = meter.begin(step)
+            result = train_step(
+                run.par, state, run.batches, run.norm, t.grad_accum_steps, t.grad_clip, device, probe
+            )
+            stopped = meter.end(step, result)
+            if stopped or meter.checkpoints(step):
+                t0 = time.perf_counter()
+                path = checkpoint.save(state, job_dir, meter.progress(), t.keep_checkpoints)
+                log.info("checkpoint %s written in %.3f s", path.name, time.perf_counter() - t0)
+            if stopped:
+                break
+        meter.stop()
+    finally:
+        run.sink.close()  # what was logged stays readable, however the loop ended
+    if stopped:
+        return interrupted(run, job_dir)
+    INTERRUPTED.unlink(job_dir)
     return finish(run, job_dir)
+
+
+class INTERRUPTED:
+    """<job dir>/interrupted.json: this run stopped early and can resume; compare skips it."""
+
+    NAME = "interrupted.json"
+
+    @classmethod
+    def write(cls, job_dir: Path, info: dict) -> None:
+        tmp = job_dir / (cls.NAME + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(job_dir / cls.NAME)
+
+    @classmethod
+    def unlink(cls, job_dir: Path) -> None:
+        (job_dir / cls.NAME).unlink(missing_ok=True)
+
+
+def interrupted(run: Run, job_dir: Path) -> float:
+    step = run.state.step
+    if run.env.rank == 0:
+        reason = signals.requested() or "a stop request"
+        INTERRUPTED.write(
+            job_dir, {"step": step, "signal": reason, "checkpoint": str(checkpoint.step_dir(job_dir, step))}
+        )
+        run.meter.log.warning(
+            "stopped at step %d on %s with a checkpoint; run the same command again to resume", step, reason
+        )
+    return run.meter.losses[-1]
 
 
 def finish(run: Run, job_dir: Path) -> float:
@@ -71,6 +111,7 @@ def finish(run: Run, job_dir: Path) -> float:
             theory=meter.theory,
             ranks=ranks,
             notes=run.par.notes,
+            resumes=meter.resumes,
             timing_meaningful=meter.timing_meaningful,
             timing_note=meter.timing_note,
         )

@@ -11,22 +11,26 @@ under the comm counter and the memory probes, which see every op and so cost tim
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from experiments import signals
 from experiments.config import TrainConfig
 from experiments.distenv import RankEnv
 from experiments.measure import (
     CommCounter,
     GatheredParams,
+    layout,
     optimizer_state_bytes,
     peak_memory_bytes,
     storage_bytes,
@@ -98,6 +102,10 @@ class Rates:
     world_size: int
 
 
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
 class Meter:
     def __init__(
         self,
@@ -112,6 +120,7 @@ class Meter:
         loss_holders: int,
         busy_seconds: Callable[[], float] | None,
         log: logging.Logger,
+        progress: dict[str, Any] | None = None,
     ) -> None:
         self.t, self.env, self.device, self.state = t, env, device, state
         self.batches, self.sink, self.theory, self.rates = batches, sink, theory, rates
@@ -127,14 +136,21 @@ class Meter:
         self.sq_buf: list[Tensor] = []
         self.sq_global: list[bool] = []
         self.lrs: list[float] = []
-        self.first_buffered = 1
+        self.first_step = self.first_buffered = state.step + 1
+        self.window = min(t.log_every, t.steps)  # no interval is longer
         # The interval's clean steps: wall time, data time, pipeline compute time.
         self.clean_s = self.data_s = self.busy_s = 0.0
         self.clean_steps = 0
         self.mark: float | None = None
         self.interval_step_times: list[float] = []
-        self.losses: list[float] = []
-        self.grad_norms: list[float] = []
+        # The run's history so far: a resumed run continues the losses of the one it resumes.
+        progress = progress or {}
+        self.losses: list[float] = list(progress.get("losses", []))
+        self.grad_norms: list[float] = list(progress.get("grad_norms", []))
+        self.resumes: list[dict[str, int]] = list(progress.get("resumes", []))
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if state.step or restart:
+            self.resumes.append({"from_step": state.step, "restart": restart})
         self.last_sample: dict[str, float] = {}
         self.bubble_sum = 0.0
         self.bubble_n = 0
@@ -153,10 +169,17 @@ class Meter:
         return t.measure_every > 0 and (step == min(3, t.steps) or step % t.measure_every == 0)
 
     def logs(self, step: int) -> bool:
-        return step % self.t.log_every == 0 or step == self.t.steps
+        t = self.t
+        return step % t.log_every == 0 or step == t.steps or self.checkpoints(step)
+
+    def checkpoints(self, step: int) -> bool:
+        """Steps that end with a checkpoint (always the last); they are log steps too."""
+        t = self.t
+        return step == t.steps or (t.checkpoint_every > 0 and step % t.checkpoint_every == 0)
 
     def clean(self, step: int) -> bool:
-        return step > 1 and not self.sampled(step)
+        # The first step of a run (or of a resumed run) pays for lazy init and warm-up.
+        return step > self.first_step and not self.sampled(step)
 
     # ---- around each step ----
     def begin(self, step: int) -> Callable[[], None] | None:
@@ -188,7 +211,8 @@ class Meter:
             self.clean_s += time.perf_counter() - self.mark
             self.mark = None
 
-    def end(self, step: int, result: StepResult) -> None:
+    def end(self, step: int, result: StepResult) -> bool:
+        """After the step; True on a log step where some rank was asked to stop (all ranks agree)."""
         if self.check_syncs:
             torch.cuda.set_sync_debug_mode("default")
         if result.losses:
@@ -206,10 +230,11 @@ class Meter:
         elif self.sampled(step):
             self._finish_sample(step)
         else:
-            sync(self.device)  # step 1: its warm-up stays out of the next clean stretch
+            sync(self.device)  # the first step: its warm-up stays out of the next clean stretch
         if self.logs(step):
             self._pause()
-            self._flush(step)
+            return self._flush(step)
+        return False
 
     def _finish_sample(self, step: int) -> None:
         sync(self.device)
@@ -237,19 +262,33 @@ class Meter:
         self._counter = self._stack = None
 
     # ---- log steps ----
-    def _flush(self, step: int) -> None:
-        """One collective for the whole interval: losses and grad-norm shares, stacked."""
-        n = len(self.loss_buf)
-        shares = [self.zero if g else sq for sq, g in zip(self.sq_buf, self.sq_global, strict=True)]
-        summed = torch.stack([*self.loss_buf, *shares])
+    def _flush(self, step: int) -> bool:
+        """One collective for the whole interval: losses, grad-norm shares and the stop request."""
+        # Each step has a fixed slot, by its step number: a ring all-reduce sums each position in
+        # its own rank order, so a resumed run (whose first interval is shorter) must put step s
+        # where the uninterrupted run put it to reduce it bit for bit the same.
+        w, n = self.window, len(self.loss_buf)
+        slots = [(self.first_buffered + i - 1) % w for i in range(n)]
+        vec = [self.zero] * (3 * w + 1)
+        for i, slot in enumerate(slots):
+            vec[slot] = self.loss_buf[i]
+            # Clipped steps already hold the global square: it rides along, outside the sum.
+            vec[2 * w + 1 + slot if self.sq_global[i] else w + slot] = self.sq_buf[i]
+        vec[2 * w] = torch.full((), float(signals.requested() is not None), device=self.device)
+        summed = torch.stack(vec[: 2 * w + 1])
         if self.env.world_size > 1:
             dist.all_reduce(summed)
-        # Clipped steps already hold the global square; it rides along in the one host copy.
-        reduced = [sq if g else self.zero for sq, g in zip(self.sq_buf, self.sq_global, strict=True)]
-        values = torch.cat([summed, torch.stack(reduced)]).tolist()
-        losses = values[:n]
-        sqs = [a + b for a, b in zip(values[n : 2 * n], values[2 * n :], strict=True)]
+        values = torch.cat([summed, torch.stack(vec[2 * w + 1 :])]).tolist()
+        losses = [values[s] for s in slots]
+        sqs = [values[w + s] + values[2 * w + 1 + s] for s in slots]
         norms = [s**0.5 for s in sqs]
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                # Every rank holds the same reduced values, so every rank stops here, together.
+                raise NonFiniteLoss(
+                    f"loss is {loss} at step {self.first_buffered + i}: training stopped; the last "
+                    "good checkpoint is kept (lower train.lr, or set train.grad_clip)"
+                )
         self.sink.series(self.first_buffered, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: self.lrs})
         self.losses += losses
         self.grad_norms += norms
@@ -260,6 +299,7 @@ class Meter:
         self.first_buffered = step + 1
         self.clean_s = self.data_s = self.busy_s = 0.0
         self.clean_steps = 0
+        return values[2 * w] > 0
 
     def _interval_perf(self) -> dict[str, float]:
         perf: dict[str, float] = {Tag.TIMING_MEANINGFUL: float(self.timing_meaningful)}
@@ -283,7 +323,8 @@ class Meter:
             perf[Tag.MFU] = r.flops_per_step / step_time / r.world_size / r.peak_flops
         if self.busy_seconds is not None:
             compute = self.clean_s - self.data_s
-            bubble = max(0.0, 1.0 - self.busy_s / compute) if compute > 0 else 0.0
+            # Not clamped: busy time beyond the step's compute would be a clock bug, and must show.
+            bubble = 1.0 - self.busy_s / compute if compute > 0 else 0.0
             perf[Tag.PIPE_BUSY] = self.busy_s / self.clean_steps
             perf[Tag.BUBBLE] = bubble
             self.bubble_sum += bubble
@@ -291,6 +332,10 @@ class Meter:
         return perf
 
     # ---- the end of the run ----
+    def progress(self) -> dict[str, Any]:
+        """What a checkpoint carries besides the training state: the history of the run."""
+        return {"losses": self.losses, "grad_norms": self.grad_norms, "resumes": self.resumes}
+
     def stop(self) -> float:
         """Wall time of the loop, from the first step to the last (setup and teardown excluded)."""
         sync(self.device)
@@ -301,9 +346,10 @@ class Meter:
         """Median over log intervals of the clean steps' mean time."""
         return statistics.median(self.interval_step_times) if self.interval_step_times else float("nan")
 
-    def rank_summary(self) -> dict[str, float]:
+    def rank_summary(self) -> dict[str, Any]:
         """This rank's entry in metrics.json: its last sample, its own predictions, its mean bubble."""
-        mine = {"rank": self.env.rank, **self.last_sample, **self.theory}
+        mine: dict[str, Any] = {"rank": self.env.rank, **self.last_sample, **self.theory}
+        mine["layout"] = layout(self.state.model, self.state.optimizer)
         if self.bubble_n:
             mine[Tag.BUBBLE] = self.bubble_sum / self.bubble_n
         return mine

@@ -24,16 +24,18 @@ class TensorBoardSink:
     it, in order, while the training thread goes on (mostly inside torch ops that release the GIL).
     """
 
-    def __init__(self, job_dir: Path, rank: int, total_steps: int) -> None:
+    def __init__(self, job_dir: Path, rank: int, total_steps: int, purge_step: int | None = None) -> None:
         self.rank, self.total = rank, total_steps
-        self.writer = SummaryWriter(str(tb_dir(job_dir, rank)))
+        self.writer = SummaryWriter(str(tb_dir(job_dir, rank)), purge_step=purge_step)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="paralab-tb")
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True)
-        self.shown = 0
+            self.bar = tqdm(
+                total=total_steps, initial=(purge_step or 1) - 1, desc="train", dynamic_ncols=True
+            )
+        self.shown = (purge_step or 1) - 1
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.pool.submit(self._write, step, dict(values))

@@ -96,8 +96,10 @@ class RunRecord:
     wall_s: float
     theory: dict[str, float]
     # One entry per rank: its last sampled step's measurements, its own predictions, its bubble.
-    ranks: list[dict[str, float]]
+    ranks: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    # Each time this run continued from a checkpoint: its step, and torchrun's restart count.
+    resumes: list[dict[str, int]] = field(default_factory=list)
     timing_meaningful: bool = True
     timing_note: str = ""
 

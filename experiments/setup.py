@@ -12,9 +12,10 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from data import build_dataset, dataset_spec, make_loader
 from data.spec import DataSpec
+from experiments import checkpoint
 from experiments.config import Config
 from experiments.distenv import RankEnv
-from experiments.measure import local_optimizer, peak_flops_per_s
+from experiments.measure import local_optimizer, peak_flops_per_s, tp_local_shapes
 from experiments.meter import Meter, Rates, TimedBatches
 from experiments.metrics import TensorBoardSink
 from experiments.optim import lr_scheduler, optimizer_spec
@@ -65,7 +66,6 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, spec).to(device)
     psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
-    shapes = [tuple(p.shape) for p in model.parameters()]
     ctx = StrategyContext(cfg, device, loss_fn_for(spec))
     strategy = get_spec(cfg.strategy.name)
     par = strategy.apply(model, mesh, ctx)
@@ -74,6 +74,10 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         log.info(note)
     opt = par.make_optimizer(par.model, optimizer_spec(t))
     state = TrainState(par.model, opt, lr_scheduler(opt, t))
+    source = checkpoint.resolve(t.resume, job_dir)
+    progress = checkpoint.load(state, source) if source is not None else None
+    if progress is not None:
+        log.info("resumed from %s at step %d", source, state.step)
 
     micro_global = t.global_batch_size // t.grad_accum_steps
     loader = make_loader(dataset, cfg.dataset, micro_global, dp_rank, dp_size, cfg.seed, state.data_position)
@@ -81,7 +85,14 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     local_samples = t.global_batch_size // dp_size
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
-    sizes = ModelSizes(psi, elem, assigned_psi=owned_psi, shapes=tuple(shapes))
+    blocks = getattr(par.model, "blocks", None)
+    sizes = ModelSizes(
+        psi,
+        elem,
+        assigned_psi=owned_psi,
+        local_shapes=tp_local_shapes(par.model),
+        blocks_here=len(blocks) if blocks is not None else 0,
+    )
     pp_rank = mesh["pp"].get_local_rank()
     theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))
     rates = Rates(
@@ -92,7 +103,9 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         peak_flops=peak_flops_per_s(device, t),
         world_size=env.world_size,
     )
-    sink = TensorBoardSink(job_dir, env.rank, t.steps)
+    # A resumed run writes on into the same TensorBoard runs; purge_step hides whatever the
+    # interrupted run wrote past its checkpoint, so no step appears twice.
+    sink = TensorBoardSink(job_dir, env.rank, t.steps, purge_step=state.step + 1 if state.step else None)
     meter = Meter(
         t,
         env,
@@ -105,6 +118,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         loss_holders=degrees.dp * degrees.tp,
         busy_seconds=par.busy_seconds,
         log=log,
+        progress=progress,
     )
     log.info(
         "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d params=%d",

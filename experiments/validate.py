@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from data import check_dataset, dataset_spec
@@ -41,6 +43,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
     for key, value in [
         ("train.measure_every", t.measure_every),
         ("train.warmup_steps", t.warmup_steps),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.peak_tflops", t.peak_tflops),
         ("launcher.threads_per_rank", cfg.launcher.threads_per_rank),
         ("dataset.num_workers", cfg.dataset.num_workers),
@@ -62,6 +66,16 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
         raise ConfigError("dataset.num_classes and dataset.vocab_size must be >= 2")
     if m.name == "transformer" and m.hidden % m.heads:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+    if t.resume not in ("auto", "never"):
+        from experiments.checkpoint import resolve
+
+        try:
+            resolve(t.resume, Path("."))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"train.resume={t.resume} holds no complete checkpoint; give a job dir or "
+                "<job dir>/checkpoints/step_<N>, or auto | never"
+            ) from None
     check_launcher(cfg.launcher)
     if world_size is None:
         world_size = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
