@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,11 +52,13 @@ def set_threads(cfg: Config, env: RankEnv) -> None:
     torch.set_num_threads(n)
 
 
-def init_distributed(env: RankEnv, device: torch.device) -> None:
+def init_distributed(env: RankEnv, device: torch.device, timeout_s: float | None = None) -> None:
+    """Join the world. `timeout_s` bounds every collective: a peer that stops answering is an error."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
     if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # In-process single rank (launcher=local): no port, no env vars left behind for the next job.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     if "MASTER_ADDR" not in os.environ:
         raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set; start workers through a paralab launcher")
@@ -64,4 +67,24 @@ def init_distributed(env: RankEnv, device: torch.device) -> None:
         rank=env.rank,
         world_size=env.world_size,
         device_id=device if device.type == "cuda" else None,
+        timeout=timeout,
+        store=_attempt_store(timeout),
     )
+
+
+def _attempt_store(timeout: timedelta | None) -> dist.Store | None:
+    """Under torch's agent: its store, under a prefix of its own for each restart of the group.
+
+    Every attempt of a restarted worker group rendezvous in the agent's one TCPStore, under the
+    same keys; without a prefix a new rank can read the address a dead rank of the previous
+    attempt published there, and fail to connect or connect to the wrong process.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None  # init_process_group's own env:// rendezvous
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout or timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"paralab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
