@@ -14,7 +14,6 @@ Loading reads pickled metadata: a checkpoint is code, as a model file is; load o
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from experiments.measure import local_optimizer
+from experiments.record import write_atomic
 from experiments.state import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -97,9 +97,7 @@ def save(state: TrainState, job_dir: Path, progress: dict[str, Any], keep: int) 
     )
     dcp.save(sd, checkpoint_id=str(path))
     if rank == 0:
-        tmp = path / (COMPLETE + ".tmp")
-        tmp.write_text(f"{state.step}\n")
-        os.replace(tmp, path / COMPLETE)
+        write_atomic(path / COMPLETE, f"{state.step}\n")
         _prune(job_dir, keep, newest=state.step)
     return path
 

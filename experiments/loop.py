@@ -14,7 +14,7 @@ from experiments import checkpoint, signals
 from experiments.config import Config
 from experiments.distenv import RankEnv
 from experiments.metrics import write_hparams
-from experiments.record import RunRecord
+from experiments.record import RunRecord, write_atomic
 from experiments.setup import Run, setup
 from experiments.step import train_step
 
@@ -52,9 +52,7 @@ class INTERRUPTED:
 
     @classmethod
     def write(cls, job_dir: Path, info: dict) -> None:
-        tmp = job_dir / (cls.NAME + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(job_dir / cls.NAME)
+        write_atomic(job_dir / cls.NAME, json.dumps(info, indent=2))
 
     @classmethod
     def unlink(cls, job_dir: Path) -> None:

@@ -12,7 +12,6 @@ import resource
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -244,7 +243,3 @@ def peak_flops_per_s(device: torch.device, train) -> float:
         if key in name:
             return peaks[train.precision]
     return 0.0
-
-
-def counting(counter: CommCounter | None) -> AbstractContextManager:
-    return counter if counter is not None else nullcontext()

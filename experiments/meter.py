@@ -16,7 +16,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +154,6 @@ class Meter:
         self.bubble_sum = 0.0
         self.bubble_n = 0
         self.wall0 = time.perf_counter()
-        self._stack: ExitStack | None = None
         self.samples_taken = 0
         self.last_comm: dict[str, float] = {}
         self._counter: CommCounter | None = None
@@ -195,9 +193,9 @@ class Meter:
         if not self.sampled(step):
             return None
         self.gathered.arm(True)
-        self._stack = ExitStack()
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
-            self._counter = self._stack.enter_context(CommCounter())
+            self._counter = CommCounter()
+            self._counter.__enter__()
         self.samples_taken += 1
         return self._probe_grads
 
@@ -238,8 +236,8 @@ class Meter:
 
     def _finish_sample(self, step: int) -> None:
         sync(self.device)
-        assert self._stack is not None
-        self._stack.close()
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
         self.gathered.arm(False)
         model, opt = self.state.model, self.state.optimizer
         params_bytes = storage_bytes(model.parameters())
@@ -259,7 +257,7 @@ class Meter:
             self.sink.scalars(step, self.last_comm)
         self.last_sample = {**self.last_comm, **memory}
         self.sink.scalars(step, {**memory, **self.theory})
-        self._counter = self._stack = None
+        self._counter = None
 
     # ---- log steps ----
     def _flush(self, step: int) -> bool:

@@ -16,6 +16,13 @@ from typing import Any
 METRICS_FILE = "metrics.json"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 class Tag:
     LOSS = "loss/train"
     LR = "lr"
@@ -104,9 +111,7 @@ class RunRecord:
     timing_note: str = ""
 
     def write(self, job_dir: Path) -> None:
-        tmp = job_dir / (METRICS_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        tmp.replace(job_dir / METRICS_FILE)
+        write_atomic(job_dir / METRICS_FILE, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def read(cls, job_dir: Path) -> RunRecord:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -48,16 +49,14 @@ class Case:
     world: int
     model: tuple[str, ...] = tuple(MLP)
     extra: tuple[str, ...] = ()
+    common: ClassVar[tuple[str, ...]] = tuple(COMMON)
+
+    def launcher(self) -> list[str]:
+        return [f"launcher.nproc_per_node={self.world}"]
 
     @property
     def overrides(self) -> list[str]:
-        return [
-            *COMMON,
-            *self.model,
-            f"strategy={self.strategy}",
-            f"launcher.nproc_per_node={self.world}",
-            *self.extra,
-        ]
+        return [*self.common, *self.model, f"strategy={self.strategy}", *self.launcher(), *self.extra]
 
     def __str__(self) -> str:
         model = {tuple(GPT): "gpt", CNN: "cnn"}.get(self.model, "mlp")

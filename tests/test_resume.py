@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 
 from experiments.checkpoint import COMPLETE, complete_checkpoints, resolve
 from experiments.parity import deviations, run_case
-from tests.test_parity import GPT, MLP, full_params
+from tests import test_parity as parity
+from tests.test_parity import GPT, full_params
 
 STEPS, CUT = 6, 3
 # AdamW carries optimizer state and its step count; a warmup that spans the cut needs the
@@ -32,22 +34,15 @@ COMMON = [
 
 
 @dataclass(frozen=True)
-class Case:
-    strategy: str
-    world: int
-    model: tuple[str, ...] = tuple(MLP)
+class Case(parity.Case):
+    common: ClassVar[tuple[str, ...]] = tuple(COMMON)
     # Known, open: DDP inside a pipeline at 4 ranks (and DDP at 4 ranks) differs in the last bit
     # from the second step after a restart, when the restarted DDP rebuilds its gradient buckets.
     # Bit-exact everywhere else.
     exact: bool = True
 
-    @property
-    def overrides(self) -> list[str]:
-        launcher = ["launcher=local"] if self.world == 1 else [f"launcher.nproc_per_node={self.world}"]
-        return [*COMMON, *self.model, f"strategy={self.strategy}", *launcher]
-
-    def __str__(self) -> str:
-        return f"{self.strategy}-ws{self.world}-{'gpt' if self.model == tuple(GPT) else 'mlp'}"
+    def launcher(self) -> list[str]:
+        return ["launcher=local"] if self.world == 1 else super().launcher()
 
 
 G = tuple(GPT)
