@@ -33,7 +33,9 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
             if stopped or meter.checkpoints(step):
                 t0 = time.perf_counter()
                 path = checkpoint.save(state, job_dir, meter.progress(), t.keep_checkpoints)
-                log.info("checkpoint %s written in %.3f s", path.name, time.perf_counter() - t0)
+                seconds = time.perf_counter() - t0
+                meter.checkpoint_s += seconds
+                log.info("checkpoint %s written in %.3f s", path.name, seconds)
             if stopped:
                 break
         meter.stop()
@@ -106,6 +108,7 @@ def finish(run: Run, job_dir: Path) -> float:
             if run.tokens_per_sample
             else None,
             wall_s=meter.wall,
+            checkpoint_s=meter.checkpoint_s,
             theory=meter.theory,
             ranks=ranks,
             notes=run.par.notes,

@@ -154,6 +154,7 @@ class Meter:
         self.bubble_sum = 0.0
         self.bubble_n = 0
         self.wall0 = time.perf_counter()
+        self.checkpoint_s = 0.0  # saves inside the loop: reported apart, not in the loop's wall time
         self.samples_taken = 0
         self.last_comm: dict[str, float] = {}
         self._counter: CommCounter | None = None
@@ -213,10 +214,13 @@ class Meter:
         """After the step; True on a log step where some rank was asked to stop (all ranks agree)."""
         if self.check_syncs:
             torch.cuda.set_sync_debug_mode("default")
-        if result.losses:
-            self.loss_buf.append(torch.stack(result.losses).float().mean() * self.loss_scale)
-        else:
+        losses = result.losses
+        if not losses:
             self.loss_buf.append(self.zero)
+        elif len(losses) == 1 and losses[0].dtype == torch.float32:
+            self.loss_buf.append(losses[0])  # no op on the common path; scaled once per flush
+        else:
+            self.loss_buf.append(torch.stack(losses).float().mean())
         self.sq_buf.append(result.grad_sq)
         self.sq_global.append(result.grad_sq_is_global)
         data_s = self.batches.take()
@@ -277,7 +281,8 @@ class Meter:
         if self.env.world_size > 1:
             dist.all_reduce(summed)
         values = torch.cat([summed, torch.stack(vec[2 * w + 1 :])]).tolist()
-        losses = [values[s] for s in slots]
+        # Summed over the ranks that hold a loss, each counted once per copy: the mean.
+        losses = [values[s] * self.loss_scale for s in slots]
         sqs = [values[w + s] + values[2 * w + 1 + s] for s in slots]
         norms = [s**0.5 for s in sqs]
         for i, loss in enumerate(losses):
@@ -335,9 +340,10 @@ class Meter:
         return {"losses": self.losses, "grad_norms": self.grad_norms, "resumes": self.resumes}
 
     def stop(self) -> float:
-        """Wall time of the loop, from the first step to the last (setup and teardown excluded)."""
+        """Wall time of the loop, from the first step to the last (setup, checkpoint saves and
+        teardown excluded: a save's cost depends on the disk, not on the strategy)."""
         sync(self.device)
-        self.wall = time.perf_counter() - self.wall0
+        self.wall = time.perf_counter() - self.wall0 - self.checkpoint_s
         return self.wall
 
     def steady_step_time(self) -> float:

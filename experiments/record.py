@@ -100,13 +100,14 @@ class RunRecord:
     step_time_s: float
     samples_per_s: float
     tokens_per_s: float | None
-    wall_s: float
+    wall_s: float  # the training loop's, without checkpoint saves (checkpoint_s)
     theory: dict[str, float]
     # One entry per rank: its last sampled step's measurements, its own predictions, its bubble.
     ranks: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     # Each time this run continued from a checkpoint: its step, and torchrun's restart count.
     resumes: list[dict[str, int]] = field(default_factory=list)
+    checkpoint_s: float = 0.0  # seconds spent saving checkpoints during the loop
     timing_meaningful: bool = True
     timing_note: str = ""
 

@@ -63,7 +63,8 @@ def module_forward_backward(
         with nullcontext() if sync or no_sync is None else no_sync():
             with ctx.autocast():
                 loss = ctx.loss_fn(module(x), y)
-            (loss * scale).backward()
+            # Without accumulation the scale is 1: no extra op (and its backward node) per step.
+            (loss if scale == 1.0 else loss * scale).backward()
         return loss.detach()
 
     return forward_backward
