@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from experiments.metrics import TensorBoardSink
 from experiments.optim import lr_scheduler, optimizer_spec
 from experiments.predict import ModelSizes, Setting, predict
 from experiments.state import TrainState
-from experiments.step import GradNorm
+from experiments.step import GradNorm, replay_first_backward
 from experiments.theory import training_flops_per_token
 from models import build_model
 from parallel.base import Parallelized, StrategyContext
@@ -80,8 +81,14 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         log.info("resumed from %s at step %d", source, state.step)
 
     micro_global = t.global_batch_size // t.grad_accum_steps
-    loader = make_loader(dataset, cfg.dataset, micro_global, dp_rank, dp_size, cfg.seed, state.data_position)
-    batches = TimedBatches(iter(loader))
+    loader = iter(
+        make_loader(dataset, cfg.dataset, micro_global, dp_rank, dp_size, cfg.seed, state.data_position)
+    )
+    if progress is not None and par.replay_on_resume:
+        first = next(loader)
+        replay_first_backward(par, first, device)
+        loader = itertools.chain([first], loader)
+    batches = TimedBatches(loader)
     local_samples = t.global_batch_size // dp_size
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])

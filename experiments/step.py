@@ -91,6 +91,22 @@ def clip_(norm: GradNorm, sq: Tensor, max_norm: float) -> None:
     torch._foreach_mul_(norm.local_grads(), coef)
 
 
+def replay_first_backward(par: Parallelized, batch: tuple[Tensor, Tensor], device: torch.device) -> None:
+    """One forward/backward whose every effect is undone but the strategy's own settling.
+
+    Gradients are dropped, buffers (BatchNorm statistics) restored, and the RNG streams (dropout)
+    left where they were; the optimizer, scheduler and data position do not move.
+    """
+    x, y = (t.to(device) for t in batch)
+    buffers = [(b, b.detach().clone()) for b in par.model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        par.forward_backward(x, y, 1.0, True)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    par.model.zero_grad(set_to_none=True)
+
+
 def train_step(
     par: Parallelized,
     state: TrainState,

@@ -46,6 +46,10 @@ class Parallelized:
     busy_seconds: Callable[[], float] | None = None
     # Run once per step after the last backward, before the norm and the optimizer see the grads.
     after_backward: Callable[[], None] | None = None
+    # DDP lays out its gradient buckets in the order the first backward produced gradients, and
+    # bucket layout decides each element's summation order in a >2-rank all-reduce: a resumed run
+    # replays one (discarded) forward/backward so its buckets are those of the uninterrupted run.
+    replay_on_resume: bool = False
     notes: list[str] = field(default_factory=list)
 
 

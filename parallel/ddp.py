@@ -22,4 +22,8 @@ def wrap_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Distri
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
     ddp = wrap_ddp(model, mesh, ctx)
-    return Parallelized(model=model, forward_backward=module_forward_backward(ddp, ctx, ddp.no_sync))
+    return Parallelized(
+        model=model,
+        forward_backward=module_forward_backward(ddp, ctx, ddp.no_sync),
+        replay_on_resume=True,
+    )

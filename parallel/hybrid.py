@@ -26,7 +26,9 @@ def apply_ddp_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> 
     def replicate(stage: Stage) -> nn.Module:
         return wrap_ddp(stage, mesh, ctx)
 
-    return apply_pipeline(model, mesh, ctx, replicate)
+    par = apply_pipeline(model, mesh, ctx, replicate)
+    par.replay_on_resume = True
+    return par
 
 
 def apply_fsdp_tp_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
