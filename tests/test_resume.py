@@ -50,6 +50,7 @@ MATRIX = [
     Case("pp", 2, G),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),
+    pytest.param(Case("fsdp_tp_pp", 8, G), marks=pytest.mark.full),  # 8 processes: make test-full
 ]
 
 
