@@ -28,13 +28,13 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def rank_env() -> RankEnv:
-    # torchrun/spawn set RANK & co.; under `srun` only the SLURM_* variables exist.
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    # torchrun/spawn set RANK & co. (under SLURM too: each node runs torch's agent).
+    world = _env_int("WORLD_SIZE", default=1)
     return RankEnv(
-        rank=_env_int("RANK", "SLURM_PROCID", default=0),
-        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        rank=_env_int("RANK", default=0),
+        local_rank=_env_int("LOCAL_RANK", default=0),
         world_size=world,
-        local_world_size=_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", default=world),
     )
 
 
