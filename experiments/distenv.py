@@ -38,6 +38,19 @@ def rank_env() -> RankEnv:
     )
 
 
+def check_gpus(device: str, nproc_per_node: int, gpus: int) -> str:
+    """Why this node cannot give each local rank a GPU of its own ('' = it can)."""
+    if device == "cuda" and gpus == 0:
+        return "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+    if device in ("auto", "cuda") and 0 < gpus < nproc_per_node:
+        return (
+            f"launcher.nproc_per_node={nproc_per_node} but this node has {gpus} GPU(s) and "
+            f"train.device={device} gives each local rank its own: use launcher.nproc_per_node<={gpus}, "
+            "or train.device=cpu to run every rank on CPU/gloo"
+        )
+    return ""
+
+
 def select_device(cfg: Config, env: RankEnv) -> torch.device:
     want = cfg.train.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):

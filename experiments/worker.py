@@ -55,6 +55,11 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
     device = select_device(cfg, env)
     set_threads(cfg, env)
     log = setup_rank_logging(path, env.rank)
+    if cfg.train.deterministic and device.type == "cuda" and env.rank == 0:
+        log.warning(
+            "train.deterministic=true on CUDA: deterministic kernels and NaN-filled fresh memory slow "
+            "every step, by an amount that differs by strategy; set train.deterministic=false to measure throughput"
+        )
     joined = False
     try:
         init_distributed(env, device, cfg.launcher.timeout_s)

@@ -42,11 +42,14 @@ class Parallelized:
     holds_loss: bool = True
     # Parameters split across the pipeline: grad norms must be summed over this group.
     pp_group: torch.distributed.ProcessGroup | None = None
-    # Pipelines: seconds this rank spent computing since the last call (for the measured bubble).
-    busy_seconds: Callable[[], float] | None = None
+    # Pipelines: this rank's compute since the last call (for the measured bubble), as a function
+    # that reads the seconds once the device has caught up (CUDA events need a sync first).
+    busy_seconds: Callable[[], Callable[[], float]] | None = None
     # Run once per step after the last backward, before the norm and the optimizer see the grads.
     after_backward: Callable[[], None] | None = None
     notes: list[str] = field(default_factory=list)
+    # GPUs this rank computes on: nn.DataParallel drives every visible one from one process.
+    devices_per_rank: int = 1
 
 
 def module_forward_backward(
