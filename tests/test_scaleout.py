@@ -55,6 +55,39 @@ def test_a_node_started_with_other_overrides_names_the_key(tmp_path):
     assert "train.lr=0.2" in problem and "train.lr=0.1" in problem and "same overrides" in problem
 
 
+@pytest.mark.full  # 12 s here; the job itself is in make test (test_claims.py)
+def test_two_agents_in_different_job_dirs_both_fail_with_one_line(tmp_path):
+    """A node that is not in rank 0's job dir: every rank fails at the check, so no agent is left
+    waiting for a peer, and each says what to fix."""
+    from parallel.launch import free_port
+
+    endpoint = f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), "strategy=ddp", "launcher.nnodes=2", endpoint, *TINY]
+            + [f"launcher.node_rank={n}", f"hydra.run.dir={tmp_path / f'node{n}'}"],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
+    try:
+        errors = [a.communicate(timeout=180)[1] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+                a.wait()
+    for a, err in zip(agents, errors, strict=True):
+        lines = [ln for ln in err.splitlines() if ln.startswith("paralab: ")]
+        assert a.returncode == 1 and len(lines) == 1, err[-3000:]
+        assert "runs in job dir" in lines[0] and "same hydra.run.dir" in lines[0], lines[0]
+    assert not list(tmp_path.glob("node*/.paralab-node-check-*"))  # rank 0 cleaned its marker up
+
+
 # ---- SLURM through Hydra's submitit launcher (the optional extra .[slurm]) ----
 
 NO_SUBMITIT = "hydra-submitit-launcher is not installed (pip install -e '.[slurm]')"
