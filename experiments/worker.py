@@ -69,8 +69,9 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
             if problem:
                 raise RankFailure(problem)
             log.info(
-                "host %s, node %s of %d (group rank from the rendezvous), local rank %d",
+                "host %s, launcher.node_rank=%d, node %s of %d in the rendezvous, local rank %d",
                 host,
+                cfg.launcher.node_rank,
                 os.environ.get("GROUP_RANK", "?"),
                 env.world_size // env.local_world_size,
                 env.local_rank,

@@ -55,37 +55,68 @@ def test_a_node_started_with_other_overrides_names_the_key(tmp_path):
     assert "train.lr=0.2" in problem and "train.lr=0.1" in problem and "same overrides" in problem
 
 
-@pytest.mark.full  # 12 s here; the job itself is in make test (test_claims.py)
-def test_two_agents_in_different_job_dirs_both_fail_with_one_line(tmp_path):
-    """A node that is not in rank 0's job dir: every rank fails at the check, so no agent is left
-    waiting for a peer, and each says what to fix."""
+def start_agents(job_dirs: list[Path], *overrides: str) -> list[subprocess.Popen]:
+    """One torchrun agent per "node" on this machine (node 1 first), 2 ranks each, one rendezvous."""
     from parallel.launch import free_port
 
     endpoint = f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"
-    agents = [
+    common = ["strategy=ddp", "launcher.nnodes=2", endpoint, *TINY, *overrides]
+    return [
         subprocess.Popen(
-            [sys.executable, str(REPO / "train.py"), "strategy=ddp", "launcher.nnodes=2", endpoint, *TINY]
-            + [f"launcher.node_rank={n}", f"hydra.run.dir={tmp_path / f'node{n}'}"],
+            [
+                sys.executable,
+                str(REPO / "train.py"),
+                *common,
+                f"launcher.node_rank={n}",
+                f"hydra.run.dir={job_dirs[n]}",
+            ],
             cwd=REPO,
             env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for n in (0, 1)
-    ]
+        for n in (1, 0)
+    ][::-1]
+
+
+def finish(agents: list[subprocess.Popen]) -> list[str]:
+    """Each agent's stderr once it has exited by itself (none may wait for a vanished peer)."""
     try:
-        errors = [a.communicate(timeout=180)[1] for a in agents]
+        return [a.communicate(timeout=180)[1] for a in agents]
     finally:
         for a in agents:
             if a.poll() is None:
                 a.kill()
                 a.wait()
-    for a, err in zip(agents, errors, strict=True):
+
+
+@pytest.mark.full  # 12 s here; the job itself is in make test (test_claims.py)
+def test_two_agents_in_different_job_dirs_both_fail_with_one_line(tmp_path):
+    """A node that is not in rank 0's job dir: every rank fails at the check, so no agent is left
+    waiting for a peer, and each says what to fix."""
+    agents = start_agents([tmp_path / "node0", tmp_path / "node1"])
+    for a, err in zip(agents, finish(agents), strict=True):
         lines = [ln for ln in err.splitlines() if ln.startswith("paralab: ")]
         assert a.returncode == 1 and len(lines) == 1, err[-3000:]
         assert "runs in job dir" in lines[0] and "same hydra.run.dir" in lines[0], lines[0]
     assert not list(tmp_path.glob("node*/.paralab-node-check-*"))  # rank 0 cleaned its marker up
+
+
+@pytest.mark.full  # 12 s here
+def test_static_rendezvous_gives_node_k_the_kth_block_of_ranks(tmp_path):
+    """With rdzv_backend=static, launcher.node_rank orders the nodes, whichever agent starts first."""
+    job = tmp_path / "job"
+    agents = start_agents([job, job], "launcher.rdzv_backend=static")
+    for a, err in zip(agents, finish(agents), strict=True):
+        assert a.returncode == 0, err[-3000:]
+    placed = {}
+    for line in (job / "train.log").read_text().splitlines():
+        if "launcher.node_rank=" in line:
+            placed[int(line.split("]")[0].removeprefix("[rank"))] = int(
+                line.split("launcher.node_rank=")[1][0]
+            )
+    assert placed == {0: 0, 1: 0, 2: 1, 3: 1}
 
 
 # ---- SLURM through Hydra's submitit launcher (the optional extra .[slurm]) ----
