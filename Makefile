@@ -7,7 +7,7 @@ STRATEGY ?= ddp
 WORLD   ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-full mutants sweep compare parity bench tensorboard lint clean
+.PHONY: help install run test test-full gpu-check mutants sweep compare parity bench tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP) ## run the test suite (real processes, gloo, tiny models; < 10 mi
 
 test-full: $(STAMP) ## run every test, including the 8-process and slow cases
 	$(PY) -m pytest -q $(ARGS)
+
+gpu-check: $(STAMP) ## on a CUDA machine: NCCL for ddp/fsdp/tp/pp/fsdp_tp, CUDA memory vs theory, MFU, bf16, bubble; one PASS/FAIL line each (on CPU: says it needs a GPU, exits 0)
+	$(PY) -m experiments.gpu_check
 
 mutants: $(STAMP) ## run test selections under deliberately broken implementations; fails unless every mutant is caught (ARGS="--only tp_noop")
 	$(PY) -m tests.mutants.run $(ARGS)

@@ -21,7 +21,9 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     from experiments import worker
+    from experiments.slurm import check_submitit_installed
 
+    check_submitit_installed(sys.argv[1:])
     # Started by hand under torchrun: only rank 0 runs Hydra (one job dir); the others follow it.
     if worker.launched_by_external_torchrun() and worker.rank_env().rank != 0:
         sys.exit(worker.follow_rank0())

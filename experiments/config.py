@@ -6,6 +6,7 @@ compose time. Workers rebuild the same typed object from the job dir's frozen co
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,7 @@ class DatasetConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = MISSING  # local | spawn | torchrun | slurm
+    name: str = MISSING  # local | spawn | torchrun (SLURM: hydra/launcher=submitit_slurm)
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -120,11 +121,9 @@ class LauncherConfig:
     # Seconds the ranks get to stop on their own (SIGTERM: checkpoint at the next log step; Ctrl-C)
     # before the launcher kills them.
     grace_s: int = 30
-    # SLURM
-    partition: str = ""
-    time_min: int = 30
-    gpus_per_node: int = 0
-    submit: bool = True
+    # GPUs a SLURM job (hydra/launcher=submitit_slurm) asks for on each node; -1 = one per rank,
+    # or none when train.device=cpu. Partition, time and the rest: hydra.launcher.* (submitit's).
+    gpus_per_node: int = -1
 
 
 @dataclass
@@ -142,17 +141,22 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="paralab_schema", node=Config)
 
 
-def save_frozen(cfg: DictConfig, job_dir: Path) -> Path:
-    """Write the fully resolved config that workers load instead of running Hydra."""
-    path = job_dir / FROZEN_CONFIG
+def save_frozen(cfg: DictConfig, job_dir: Path) -> str:
+    """Write the fully resolved config that workers load instead of running Hydra; return its text."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
-    OmegaConf.save(OmegaConf.create(plain), path)
-    return path
+    text = OmegaConf.to_yaml(OmegaConf.create(plain))
+    # Atomic: the agents of a multi-node job write the same shared file, and may read it meanwhile.
+    tmp = job_dir / f".{FROZEN_CONFIG}.{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, job_dir / FROZEN_CONFIG)
+    return text
 
 
-def load_frozen(job_dir: Path) -> Config:
-    loaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_dir / FROZEN_CONFIG))
+def load_frozen(job_dir: Path, text: str | None = None) -> Config:
+    """The job's config: `text` when the launcher passed it, else the job dir's frozen file."""
+    frozen = OmegaConf.create(text) if text is not None else OmegaConf.load(job_dir / FROZEN_CONFIG)
+    loaded = OmegaConf.merge(OmegaConf.structured(Config), frozen)
     return OmegaConf.to_object(loaded)  # type: ignore[return-value]
 
 

@@ -28,14 +28,27 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def rank_env() -> RankEnv:
-    # torchrun/spawn set RANK & co.; under `srun` only the SLURM_* variables exist.
-    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    # torchrun/spawn set RANK & co. (under SLURM too: each node runs torch's agent).
+    world = _env_int("WORLD_SIZE", default=1)
     return RankEnv(
-        rank=_env_int("RANK", "SLURM_PROCID", default=0),
-        local_rank=_env_int("LOCAL_RANK", "SLURM_LOCALID", default=0),
+        rank=_env_int("RANK", default=0),
+        local_rank=_env_int("LOCAL_RANK", default=0),
         world_size=world,
-        local_world_size=_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world),
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", default=world),
     )
+
+
+def check_gpus(device: str, nproc_per_node: int, gpus: int) -> str:
+    """Why this node cannot give each local rank a GPU of its own ('' = it can)."""
+    if device == "cuda" and gpus == 0:
+        return "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+    if device in ("auto", "cuda") and 0 < gpus < nproc_per_node:
+        return (
+            f"launcher.nproc_per_node={nproc_per_node} but this node has {gpus} GPU(s) and "
+            f"train.device={device} gives each local rank its own: use launcher.nproc_per_node<={gpus}, "
+            "or train.device=cpu to run every rank on CPU/gloo"
+        )
+    return ""
 
 
 def select_device(cfg: Config, env: RankEnv) -> torch.device:

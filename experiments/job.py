@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments import worker
 from experiments.config import FROZEN_CONFIG, Config, ConfigError, save_frozen
+from experiments.nodes import PER_NODE, first_difference
 from experiments.record import METRICS_FILE, RunRecord
+from experiments.slurm import place_on_allocation, swept_keys_from_env, under_submitit
 from experiments.validate import validate
 from parallel.launch import launch
 
@@ -45,7 +47,8 @@ def subdir_name(
     "strategy=fsdp,launcher.nproc_per_node=4" reads better in TensorBoard than every fixed override.
     """
     by_key = {o.split("=", 1)[0].lstrip("+~"): o.lstrip("+~") for o in task_overrides}
-    keys = [k for k in swept_keys(sys.argv[1:], sweeper_params) if k in by_key] or list(by_key)
+    swept = swept_keys_from_env() or swept_keys(sys.argv[1:], sweeper_params)
+    keys = [k for k in swept if k in by_key] or list(by_key)
     name = ",".join(by_key[k] for k in keys if k != "experiment") or f"job{job_num}"
     return name.replace("/", "_")
 
@@ -60,19 +63,14 @@ def _discard_if_fresh(job_dir: Path) -> None:
 
 # Keys that may differ from the config already in the job dir: a longer run, another source, and
 # the node of a multi-node job (every node's agent shares the one job dir).
-RERUN_MAY_CHANGE = {("train", "steps"), ("train", "resume"), ("launcher", "node_rank")}
-
-
-def _first_difference(old: object, new: object, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if (*path, key) in RERUN_MAY_CHANGE:
-                continue
-            found = _first_difference(old.get(key), new.get(key), (*path, key))
-            if found is not None:
-                return found
-        return None
-    return None if old == new else path
+# A rerun (a requeued SLURM job) may meet at another rendezvous.
+RERUN_MAY_CHANGE = {
+    ("train", "steps"),
+    ("train", "resume"),
+    ("launcher", "rdzv_endpoint"),
+    ("launcher", "rdzv_id"),
+    *PER_NODE,
+}
 
 
 def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
@@ -86,7 +84,7 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     old = OmegaConf.to_container(OmegaConf.load(frozen))
     new = OmegaConf.to_container(cfg, resolve=True)
     new.pop("hydra", None)  # type: ignore[union-attr]
-    diff = _first_difference(old, new)
+    diff = first_difference(old, new, RERUN_MAY_CHANGE)
     if diff is not None:
         key = ".".join(diff)
         raise ConfigError(
@@ -112,6 +110,8 @@ def run_job(cfg: DictConfig) -> float | None:
                 "-m under a hand-started torchrun would run the sweep on every rank; "
                 "use `python train.py -m ... launcher=torchrun` instead"
             )
+        if under_submitit():
+            place_on_allocation(cfg)
         if external:
             # The world already exists: record it as it is rather than as the config guessed it.
             local = int(os.environ["LOCAL_WORLD_SIZE"])
@@ -146,8 +146,8 @@ def run_job(cfg: DictConfig) -> float | None:
 
 def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:
     """Freeze a validated config into `job_dir`, launch its ranks, return rank 0's final loss."""
-    save_frozen(cfg, job_dir)
-    launch(typed.launcher, job_dir)
-    if typed.launcher.name == "slurm" or not (job_dir / METRICS_FILE).exists():
+    frozen = save_frozen(cfg, job_dir)
+    launch(typed.launcher, job_dir, frozen)
+    if not (job_dir / METRICS_FILE).exists():
         return None
     return RunRecord.read(job_dir).final_loss

@@ -217,29 +217,25 @@ class GatheredParams:
             )
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[str, int]:
+def cuda_devices(device: torch.device, devices_per_rank: int) -> list[int]:
+    """The GPUs this rank computes on: its own, or all of them under nn.DataParallel."""
+    return list(range(devices_per_rank)) if devices_per_rank > 1 else [device.index or 0]
+
+
+def reset_peak_memory(device: torch.device, devices_per_rank: int = 1) -> None:
+    """Start a new peak: torch's counts from process start, i.e. from the unsharded model setup built."""
     if device.type == "cuda":
-        return "mem/cuda_peak_allocated_bytes", torch.cuda.max_memory_allocated(device)
+        for d in cuda_devices(device, devices_per_rank):
+            torch.cuda.reset_peak_memory_stats(d)
+
+
+def peak_memory_bytes(device: torch.device, devices_per_rank: int = 1) -> dict[str, int]:
+    """Peak since the last reset: CUDA allocated and reserved (the largest of the rank's GPUs), or CPU RSS."""
+    if device.type == "cuda":
+        devices = cuda_devices(device, devices_per_rank)
+        return {
+            "mem/cuda_peak_allocated_bytes": max(torch.cuda.max_memory_allocated(d) for d in devices),
+            "mem/cuda_peak_reserved_bytes": max(torch.cuda.max_memory_reserved(d) for d in devices),
+        }
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return "mem/peak_rss_bytes", kb * (1 if sys.platform == "darwin" else 1024)
-
-
-# Dense peak FLOP/s by device name and compute dtype, from the vendors' datasheets (SXM parts).
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-}
-
-
-def peak_flops_per_s(device: torch.device, train) -> float:
-    """Peak for MFU: train.peak_tflops when set, else the datasheet figure; 0 = unknown (no MFU)."""
-    if device.type != "cuda":
-        return 0.0
-    if train.peak_tflops:
-        return train.peak_tflops * 1e12
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_FLOPS.items():
-        if key in name:
-            return peaks[train.precision]
-    return 0.0
+    return {"mem/peak_rss_bytes": kb * (1 if sys.platform == "darwin" else 1024)}

@@ -32,6 +32,7 @@ from experiments.measure import (
     layout,
     optimizer_state_bytes,
     peak_memory_bytes,
+    reset_peak_memory,
     storage_bytes,
 )
 from experiments.metrics import TensorBoardSink
@@ -96,9 +97,10 @@ class Rates:
     global_batch: int
     local_batch: int
     tokens_per_sample: int  # 0 for classification
-    flops_per_step: float
-    peak_flops: float  # of one device; 0 = unknown (no MFU)
-    world_size: int
+    flops_per_step: float  # counted op by op (experiments/flops.py)
+    peak_flops: float  # of one device, for the dtype the step computes in; 0 = unknown (no MFU)
+    devices: int  # every GPU the job computes on (nn.DataParallel: all of its one process's)
+    devices_per_rank: int = 1
 
 
 class NonFiniteLoss(RuntimeError):
@@ -117,7 +119,7 @@ class Meter:
         theory: dict[str, float],
         rates: Rates,
         loss_holders: int,
-        busy_seconds: Callable[[], float] | None,
+        busy_seconds: Callable[[], Callable[[], float]] | None,
         log: logging.Logger,
         progress: dict[str, Any] | None = None,
     ) -> None:
@@ -138,7 +140,9 @@ class Meter:
         self.first_step = self.first_buffered = state.step + 1
         self.window = min(t.log_every, t.steps)  # no interval is longer
         # The interval's clean steps: wall time, data time, pipeline compute time.
-        self.clean_s = self.data_s = self.busy_s = 0.0
+        self.clean_s = self.data_s = 0.0
+        # Pipeline compute of the clean steps, read once the device has caught up (CUDA events).
+        self.busy_pending: list[Callable[[], float]] = []
         self.clean_steps = 0
         self.mark: float | None = None
         self.interval_step_times: list[float] = []
@@ -159,6 +163,7 @@ class Meter:
         self.last_comm: dict[str, float] = {}
         self._counter: CommCounter | None = None
         self._grads_bytes = 0
+        reset_peak_memory(device, rates.devices_per_rank)  # setup's unsharded model is not the run's
 
     # ---- the schedule ----
     def sampled(self, step: int) -> bool:
@@ -194,6 +199,8 @@ class Meter:
         if not self.sampled(step):
             return None
         self.gathered.arm(True)
+        # The allocator counts on the host, as ops are issued: no sync needed for a step's own peak.
+        reset_peak_memory(self.device, self.rates.devices_per_rank)
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
             self._counter = CommCounter()
             self._counter.__enter__()
@@ -224,11 +231,12 @@ class Meter:
         self.sq_buf.append(result.grad_sq)
         self.sq_global.append(result.grad_sq_is_global)
         data_s = self.batches.take()
-        busy = self.busy_seconds() if self.busy_seconds is not None else 0.0
+        busy = self.busy_seconds() if self.busy_seconds is not None else None
         if self.clean(step):
             self.clean_steps += 1
             self.data_s += data_s
-            self.busy_s += busy
+            if busy is not None:
+                self.busy_pending.append(busy)
         elif self.sampled(step):
             self._finish_sample(step)
         else:
@@ -246,7 +254,6 @@ class Meter:
         model, opt = self.state.model, self.state.optimizer
         params_bytes = storage_bytes(model.parameters())
         optim_bytes = optimizer_state_bytes(opt)
-        peak_key, peak_value = peak_memory_bytes(self.device)
         gathered = self.gathered.bytes
         memory = {
             Tag.PARAMS_BYTES: params_bytes,
@@ -254,7 +261,7 @@ class Meter:
             Tag.GRADS_BYTES: self._grads_bytes,
             Tag.OPTIM_BYTES: optim_bytes,
             Tag.MODEL_STATE_BYTES: params_bytes + gathered + self._grads_bytes + optim_bytes,
-            peak_key: peak_value,
+            **peak_memory_bytes(self.device, self.rates.devices_per_rank),
         }
         if self._counter is not None:
             self.last_comm = self._counter.scalars()
@@ -300,7 +307,8 @@ class Meter:
         self.sink.log_step(step, self.t.steps, losses[-1], perf, self.log)
         self.loss_buf, self.sq_buf, self.sq_global, self.lrs = [], [], [], []
         self.first_buffered = step + 1
-        self.clean_s = self.data_s = self.busy_s = 0.0
+        self.clean_s = self.data_s = 0.0
+        self.busy_pending = []
         self.clean_steps = 0
         return values[2 * w] > 0
 
@@ -323,12 +331,13 @@ class Meter:
             perf[Tag.TOKENS] = r.global_batch * r.tokens_per_sample / step_time
             perf[Tag.RANK_TOKENS] = r.local_batch * r.tokens_per_sample / step_time
         if r.peak_flops:
-            perf[Tag.MFU] = r.flops_per_step / step_time / r.world_size / r.peak_flops
+            perf[Tag.MFU] = r.flops_per_step / step_time / r.devices / r.peak_flops
         if self.busy_seconds is not None:
+            busy_s = sum(busy() for busy in self.busy_pending)  # after _pause's sync: events are done
             compute = self.clean_s - self.data_s
             # Not clamped: busy time beyond the step's compute would be a clock bug, and must show.
-            bubble = 1.0 - self.busy_s / compute if compute > 0 else 0.0
-            perf[Tag.PIPE_BUSY] = self.busy_s / self.clean_steps
+            bubble = 1.0 - busy_s / compute if compute > 0 else 0.0
+            perf[Tag.PIPE_BUSY] = busy_s / self.clean_steps
             perf[Tag.BUBBLE] = bubble
             self.bubble_sum += bubble
             self.bubble_n += 1

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 
 from data import build_dataset, dataset_spec, make_loader
@@ -16,18 +18,24 @@ from data.spec import DataSpec
 from experiments import checkpoint
 from experiments.config import Config
 from experiments.distenv import RankEnv
-from experiments.measure import local_optimizer, peak_flops_per_s, tp_local_shapes
+from experiments.flops import peak_flops_per_s, training_flops_per_sample
+from experiments.measure import local_optimizer, tp_local_shapes
 from experiments.meter import Meter, Rates, TimedBatches
 from experiments.metrics import TensorBoardSink
 from experiments.optim import lr_scheduler, optimizer_spec
 from experiments.predict import ModelSizes, Setting, predict
 from experiments.state import TrainState
 from experiments.step import GradNorm, replay_first_backward
-from experiments.theory import training_flops_per_token
 from models import build_model
 from parallel.base import Parallelized, StrategyContext
 from parallel.mesh import Degrees, build_mesh, dp_rank_and_size, resolve_degrees
 from parallel.registry import StrategySpec, get_spec
+
+
+def pinned(batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Batches in page-locked memory, so the step's non_blocking copies overlap compute."""
+    for x, y in batches:
+        yield x.pin_memory(), y.pin_memory()
 
 
 def loss_fn_for(spec: DataSpec):
@@ -68,6 +76,9 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     model = build_model(cfg.model, spec).to(device)
     psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
     ctx = StrategyContext(cfg, device, loss_fn_for(spec))
+    flops_per_sample, has_conv = training_flops_per_sample(
+        lambda: build_model(cfg.model, spec), spec, ctx.loss_fn
+    )
     strategy = get_spec(cfg.strategy.name)
     par = strategy.apply(model, mesh, ctx)
     del model  # pipeline ranks keep only their stages
@@ -88,7 +99,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         first = next(loader)
         replay_first_backward(par, first, device)
         loader = itertools.chain([first], loader)
-    batches = TimedBatches(loader)
+    batches = TimedBatches(pinned(loader) if device.type == "cuda" else loader)
     local_samples = t.global_batch_size // dp_size
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
@@ -102,13 +113,23 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     )
     pp_rank = mesh["pp"].get_local_rank()
     theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))
+    peak, peak_dtype = peak_flops_per_s(device, cfg, has_conv)
+    if device.type == "cuda":
+        log.info(
+            "MFU against %s: %.0f TFLOP/s per GPU (%s); FLOPs per sample counted: %.4g",
+            f"{peak_dtype} peak" if peak else "no known peak (set train.peak_tflops)",
+            peak / 1e12,
+            torch.cuda.get_device_name(device),
+            flops_per_sample,
+        )
     rates = Rates(
         global_batch=t.global_batch_size,
         local_batch=local_samples,
         tokens_per_sample=tokens_per_sample,
-        flops_per_step=training_flops_per_token(psi) * t.global_batch_size * max(1, tokens_per_sample),
-        peak_flops=peak_flops_per_s(device, t),
-        world_size=env.world_size,
+        flops_per_step=flops_per_sample * t.global_batch_size,
+        peak_flops=peak,
+        devices=env.world_size * par.devices_per_rank,
+        devices_per_rank=par.devices_per_rank,
     )
     # A resumed run writes on into the same TensorBoard runs; purge_step hides whatever the
     # interrupted run wrote past its checkpoint, so no step appears twice.

@@ -39,6 +39,8 @@ def zero_model_state_bytes(stage: str, psi: float, n: int, p: Precision = MIXED_
 
 
 # ---- Ring collectives (nccl-tests performance notes): bytes each rank sends ----------------
+# A model, not a measurement: NCCL picks rings, trees or NVLS (in-switch reduction on NVSwitch)
+# by size and topology, so what really crosses the wires can be less than this.
 
 
 def ring_bytes(collective: str, size: float, n: int) -> float:
@@ -49,8 +51,10 @@ def ring_bytes(collective: str, size: float, n: int) -> float:
         return 2 * (n - 1) / n * size
     if collective in ("all_gather", "reduce_scatter"):
         return (n - 1) / n * size
-    if collective in ("broadcast", "send", "recv"):
+    if collective in ("broadcast", "send"):
         return size
+    if collective == "recv":
+        return 0.0  # received, not sent: the peer's send already counts these bytes
     raise ValueError(f"unknown collective {collective!r}")
 
 

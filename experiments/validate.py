@@ -8,6 +8,7 @@ import torch
 
 from data import check_dataset, dataset_spec
 from experiments.config import Config, ConfigError
+from experiments.distenv import check_gpus
 from experiments.optim import LR_SCHEDULES, OPTIMIZERS
 from models import check_model_fits_data
 from parallel.launch import check_launcher
@@ -79,14 +80,10 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
     check_launcher(cfg.launcher)
     if world_size is None:
         world_size = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
-    if t.device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-        if cfg.launcher.nproc_per_node > torch.cuda.device_count():
-            raise ConfigError(
-                f"launcher.nproc_per_node={cfg.launcher.nproc_per_node} exceeds the "
-                f"{torch.cuda.device_count()} visible GPUs (one device per local rank)"
-            )
+    # Where the ranks will run: under SLURM that is the compute node, not the login node.
+    problem = check_gpus(t.device, cfg.launcher.nproc_per_node, torch.cuda.device_count())
+    if problem:
+        raise ConfigError(problem)
 
     spec = get_spec(cfg.strategy.name)
     preset = spec.fixed_reshard

@@ -8,6 +8,7 @@ import os
 import re
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,24 +19,31 @@ import torch
 import torch.distributed as dist
 
 from experiments import signals
-from experiments.config import load_frozen
+from experiments.config import FROZEN_CONFIG, load_frozen
 from experiments.distenv import init_distributed, rank_env, select_device, set_threads
 from experiments.log import LOG_FILE, file_logger, setup_rank_logging
 from experiments.loop import train
+from experiments.nodes import check_one_job
 
 JOB_DIR_KEY = "paralab/job_dir"
 
 
-def main(job_dir: str, launcher_pid: int | None = None) -> float:
-    """Entry point for every launcher (local, spawn, torchrun's agent, srun).
+def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = None) -> float:
+    """Entry point for every launcher (local, spawn, torchrun's agent).
 
     `launcher_pid`: the process that launched this rank (spawn, torchrun); the rank exits as soon
     as that process is gone, however it died, so no rank is ever left training as an orphan.
+    `frozen`: the config text the launcher composed (else the job dir's frozen config is read).
     """
     path = Path(job_dir)
     if launcher_pid is not None or "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_launcher(launcher_pid, path)
-    cfg = load_frozen(path)
+    if frozen is None and not (path / FROZEN_CONFIG).is_file():
+        raise RankFailure(
+            f"{path / FROZEN_CONFIG} does not exist on host {socket.gethostname()}: the job dir must "
+            "be on a filesystem every node shares (same path), or this node's launcher must pass the config"
+        )
+    cfg = load_frozen(path, frozen)
     env = rank_env()
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -47,10 +55,27 @@ def main(job_dir: str, launcher_pid: int | None = None) -> float:
     device = select_device(cfg, env)
     set_threads(cfg, env)
     log = setup_rank_logging(path, env.rank)
+    if cfg.train.deterministic and device.type == "cuda" and env.rank == 0:
+        log.warning(
+            "train.deterministic=true on CUDA: deterministic kernels and NaN-filled fresh memory slow "
+            "every step, by an amount that differs by strategy; set train.deterministic=false to measure throughput"
+        )
     joined = False
     try:
         init_distributed(env, device, cfg.launcher.timeout_s)
         joined = True
+        if env.world_size > env.local_world_size:
+            host, problem = check_one_job(cfg, path, env.rank)
+            if problem:
+                raise RankFailure(problem)
+            log.info(
+                "host %s, launcher.node_rank=%d, node %s of %d in the rendezvous, local rank %d",
+                host,
+                cfg.launcher.node_rank,
+                os.environ.get("GROUP_RANK", "?"),
+                env.world_size // env.local_world_size,
+                env.local_rank,
+            )
         try:
             result = train(cfg, env, device, path, log)
         finally:
@@ -271,8 +296,3 @@ def follow_rank0() -> int:
         return 2
     main(job_dir)
     return 0
-
-
-if __name__ == "__main__":
-    # `srun python -m experiments.worker <job dir>`: each SLURM task is one rank.
-    main(sys.argv[1])

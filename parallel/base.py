@@ -42,8 +42,9 @@ class Parallelized:
     holds_loss: bool = True
     # Parameters split across the pipeline: grad norms must be summed over this group.
     pp_group: torch.distributed.ProcessGroup | None = None
-    # Pipelines: seconds this rank spent computing since the last call (for the measured bubble).
-    busy_seconds: Callable[[], float] | None = None
+    # Pipelines: this rank's compute since the last call (for the measured bubble), as a function
+    # that reads the seconds once the device has caught up (CUDA events need a sync first).
+    busy_seconds: Callable[[], Callable[[], float]] | None = None
     # Run once per step after the last backward, before the norm and the optimizer see the grads.
     after_backward: Callable[[], None] | None = None
     # DDP lays out its gradient buckets in the order the first backward produced gradients, and
@@ -51,6 +52,8 @@ class Parallelized:
     # replays one (discarded) forward/backward so its buckets are those of the uninterrupted run.
     replay_on_resume: bool = False
     notes: list[str] = field(default_factory=list)
+    # GPUs this rank computes on: nn.DataParallel drives every visible one from one process.
+    devices_per_rank: int = 1
 
 
 def module_forward_backward(

@@ -1,15 +1,16 @@
-"""Start the ranks of one job: local, torch.multiprocessing.spawn, torch's elastic agent, or SLURM."""
+"""Start the ranks of one job: local, torch.multiprocessing.spawn or torch's elastic agent.
+
+SLURM is reached through Hydra's submitit launcher (experiments/slurm.py), which runs one of these
+on every node of an allocation.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import shlex
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from experiments.config import ConfigError, LauncherConfig
 
-LAUNCHERS = ("local", "spawn", "torchrun", "slurm")
+LAUNCHERS = ("local", "spawn", "torchrun")
 
 
 def free_port() -> int:
@@ -41,16 +42,14 @@ def check_launcher(cfg: LauncherConfig) -> None:
     if cfg.name == "local" and cfg.nproc_per_node * cfg.nnodes != 1:
         raise ConfigError("launcher=local runs one process; use launcher=spawn or launcher=torchrun for more")
     if cfg.name == "spawn" and cfg.nnodes != 1:
-        raise ConfigError(
-            "launcher=spawn is single-node; use launcher=torchrun or launcher=slurm for nnodes > 1"
-        )
+        raise ConfigError("launcher=spawn is single-node; use launcher=torchrun for nnodes > 1")
     if cfg.nnodes > 1 and cfg.name == "torchrun" and not cfg.rdzv_endpoint:
         raise ConfigError("multi-node torchrun needs launcher.rdzv_endpoint=<host of node 0>:<port>")
     if cfg.rdzv_backend not in ("c10d", "static"):
         raise ConfigError(f"launcher.rdzv_backend={cfg.rdzv_backend}; choose c10d or static")
-    if cfg.name == "slurm" and cfg.submit and shutil.which("sbatch") is None:
+    if cfg.gpus_per_node < -1:
         raise ConfigError(
-            "launcher=slurm needs sbatch on PATH; set launcher.submit=false to only write the script"
+            f"launcher.gpus_per_node={cfg.gpus_per_node}; use -1 (one per rank unless train.device=cpu) or >= 0"
         )
     if cfg.start_method not in ("spawn", "forkserver"):
         raise ConfigError(f"launcher.start_method={cfg.start_method}; choose forkserver or spawn")
@@ -79,8 +78,12 @@ class JobFailed(SystemExit):
         self.message = message
 
 
-def launch(cfg: LauncherConfig, job_dir: Path) -> None:
-    """Run the job's ranks to the end. A failure or a stop request raises JobFailed (a SystemExit)."""
+def launch(cfg: LauncherConfig, job_dir: Path, frozen: str | None = None) -> None:
+    """Run the job's ranks to the end. A failure or a stop request raises JobFailed (a SystemExit).
+
+    `frozen`: the config text this process composed; torch's agent hands it to its ranks, so the
+    ranks of every node run their own node's config (checked against rank 0's once they join).
+    """
     from experiments import worker
 
     _preload_forkserver(cfg)
@@ -92,10 +95,8 @@ def launch(cfg: LauncherConfig, job_dir: Path) -> None:
             raise _stopped(signal.SIGINT, job_dir, started) from None
     elif cfg.name == "spawn":
         _spawn(cfg, job_dir, worker.spawn_entry, started)
-    elif cfg.name == "torchrun":
-        _elastic(cfg, job_dir, worker.main, started)
     else:
-        submit_slurm(cfg, job_dir)
+        _elastic(cfg, job_dir, worker.main, started, frozen)
 
 
 def _spawn(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
@@ -159,7 +160,7 @@ def _stop_processes(processes, signum: int, grace_s: float) -> None:
         p.join(5)
 
 
-def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
+def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float, frozen: str | None) -> None:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -184,7 +185,7 @@ def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
     )
     try:
         with _torch_logs_to(job_dir, cfg.grace_s), _restored_signal_handlers():
-            elastic_launch(config, entry)(str(job_dir), os.getpid())
+            elastic_launch(config, entry)(str(job_dir), os.getpid(), frozen)
     except ChildFailedError as e:
         raise _child_failed(e, job_dir) from None
     except SignalException as e:
@@ -351,28 +352,3 @@ def _stopped(signum: int, job_dir: Path, started: float) -> JobFailed:
         line = f"stopped by {name}: every rank has exited; a rerun resumes from the newest checkpoint, if any"
     _say(job_dir, line)
     return JobFailed(line, 128 + signum)
-
-
-def slurm_script(cfg: LauncherConfig, job_dir: Path) -> str:
-    gpus = f"#SBATCH --gpus-per-node={cfg.gpus_per_node}\n" if cfg.gpus_per_node else ""
-    part = f"#SBATCH --partition={cfg.partition}\n" if cfg.partition else ""
-    return (
-        "#!/bin/bash\n"
-        f"#SBATCH --job-name=paralab\n#SBATCH --nodes={cfg.nnodes}\n"
-        f"#SBATCH --ntasks-per-node={cfg.nproc_per_node}\n#SBATCH --time={cfg.time_min}\n"
-        f"{gpus}{part}#SBATCH --output={job_dir}/slurm-%j.out\n"
-        'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-        "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))\n"
-        f"cd {shlex.quote(str(Path.cwd()))}\n"
-        f"srun {shlex.quote(sys.executable)} -m experiments.worker {shlex.quote(str(job_dir))}\n"
-    )
-
-
-def submit_slurm(cfg: LauncherConfig, job_dir: Path) -> None:
-    script = job_dir / "slurm.sbatch"
-    script.write_text(slurm_script(cfg, job_dir))
-    if not cfg.submit:
-        print(f"paralab: wrote {script} (launcher.submit=false, not submitted)")
-        return
-    out = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True)
-    print(f"paralab: submitted SLURM job {out.stdout.strip()} ({script})")

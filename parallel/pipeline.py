@@ -75,13 +75,17 @@ class BusyClock:
     """Time a rank spends in its stages' compute (forward, backward, weight-grad chunks).
 
     Everything else in a schedule's step is waiting on neighbours or the bubble, so
-    1 − busy / step time is the measured bubble share.
+    1 − busy / step time is the measured bubble share. On CUDA the host runs ahead of the device
+    (a NCCL recv only makes the stream wait), so host clocks would time kernel launches: CUDA
+    events on the stream bracket each chunk instead, and are read once the device has caught up.
     """
 
     METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
         self.busy = 0.0
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def wrap(self, stage: PipelineStage) -> None:
         for name in self.METHODS:
@@ -91,6 +95,14 @@ class BusyClock:
 
     def _timed(self, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    end.record()
+                    self.events.append((start, end))
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
@@ -99,9 +111,13 @@ class BusyClock:
 
         return timed
 
-    def take(self) -> float:
+    def take(self) -> Callable[[], float]:
+        """The compute since the last call, as seconds to read after the next device sync."""
         busy, self.busy = self.busy, 0.0
-        return busy
+        events, self.events = self.events, []
+        if not events:
+            return lambda: busy
+        return lambda: sum(start.elapsed_time(end) for start, end in events) / 1000.0
 
 
 def apply_pipeline(
@@ -124,7 +140,7 @@ def apply_pipeline(
     local_blocks = [b for i in sorted(ids) for b in groups[i]]
     owned = Stage(model, local_blocks, first=0 in ids, last=n_stages - 1 in ids)
     stages = []
-    clock = BusyClock()
+    clock = BusyClock(ctx.device)
     for sid in ids:
         module = per_stage(Stage(owned, groups[sid], first=sid == 0, last=sid == n_stages - 1))
         stages.append(PipelineStage(module, sid, n_stages, ctx.device, group=pp_mesh.get_group()))

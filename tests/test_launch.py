@@ -8,7 +8,7 @@ import math
 import pytest
 
 from experiments.parity import run_case
-from tests.helpers import REPO, TINY, run, tb_scalars, train
+from tests.helpers import TINY, run, tb_scalars, train
 
 REQUIRED_SCALARS = {
     "loss/train",
@@ -157,26 +157,3 @@ def test_multirun_one_dir_per_valid_job_named_from_overrides(tmp_path):
     # Same seed, same global batch: the three valid jobs trained the same trajectory.
     losses = [json.loads((sweep / n / "metrics.json").read_text())["losses"] for n in jobs]
     assert losses[0] == pytest.approx(losses[2], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)
-
-
-def test_slurm_launcher_writes_an_sbatch_script(tmp_path):
-    job = tmp_path / "job"
-    proc = run(
-        [
-            "launcher=slurm",
-            "launcher.nnodes=2",
-            "launcher.nproc_per_node=4",
-            "launcher.submit=false",
-            "strategy=ddp",
-            *TINY,
-            f"hydra.run.dir={job}",
-        ],
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    script = (job / "slurm.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=4" in script
-    lines = script.splitlines()
-    # srun starts in the submit directory's copy of the repo, wherever sbatch was called from.
-    assert f"cd {REPO}" in lines, lines
-    assert any(line.startswith("srun ") and line.endswith(f"-m experiments.worker {job}") for line in lines)
