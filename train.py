@@ -37,13 +37,10 @@ def cli() -> int:
     except COMPOSE_ERRORS as e:
         print(f"paralab: config error: {compose_error_line(e)}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        print(
-            f"paralab: no space left on the device ({e.filename or e}); free space and run again",
-            file=sys.stderr,
-        )
+    except OSError as e:  # the job dir cannot be written: a full disk, no permission, a read-only mount
+        where = f" ({e.filename})" if e.filename else ""
+        advice = "free space and run again" if e.errno == errno.ENOSPC else "use another hydra.run.dir"
+        print(f"paralab: {e.strerror or e}{where}; {advice}", file=sys.stderr)
         return 1
     if outcomes["rejected"] and not outcomes["ran"]:
         undo_sweep()

@@ -91,6 +91,14 @@ def launch(cfg: LauncherConfig, job_dir: Path) -> None:
             worker.main(str(job_dir))
         except KeyboardInterrupt:
             raise _stopped(signal.SIGINT, job_dir, started) from None
+        except Exception as e:  # noqa: BLE001 - the one rank, in this process: say it as the others do
+            import traceback
+
+            when = time.strftime("%H:%M:%S")
+            line = f"rank 0 failed (exit code 1) at {when}: {type(e).__name__}: {_last_line(e, 0)}"
+            line += f"; details in {job_dir / 'train.log'}"
+            _say(job_dir, line, traceback.format_exc())
+            raise JobFailed(line, 1) from None
     elif cfg.name == "spawn":
         _spawn(cfg, job_dir, worker.spawn_entry, started)
     elif cfg.name == "torchrun":
@@ -282,9 +290,12 @@ def _torch_logs_to(job_dir: Path, grace_s: float) -> Iterator[None]:
         lg.addHandler(to_file)
         lg.propagate = False
     loggers[-1].addHandler(killer)
+    # A log write that fails (a full disk) must not print logging's own traceback over the one line.
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
     try:
         yield
     finally:
+        logging.raiseExceptions = raising
         loggers[-1].removeHandler(killer)
         for lg, propagate in zip(loggers, saved, strict=True):
             lg.removeHandler(to_file)
@@ -421,5 +432,10 @@ def submit_slurm(cfg: LauncherConfig, job_dir: Path) -> None:
     if not cfg.submit:
         print(f"paralab: wrote {script} (launcher.submit=false, not submitted)")
         return
-    out = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True)
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if out.returncode != 0:
+        reason = _last_line(out.stderr, -1) or f"exit code {out.returncode}"
+        line = f"sbatch refused {script}: {reason}"
+        _say(job_dir, line, out.stderr)
+        raise JobFailed(line, 1)
     print(f"paralab: submitted SLURM job {out.stdout.strip()} ({script})")

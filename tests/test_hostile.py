@@ -266,17 +266,18 @@ def _run(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, list[st
     return code, [ln for ln in err.splitlines() if ln.strip()], left
 
 
-def test_a_corrupt_file_found_by_the_ranks_is_one_line_and_exit_1(tmp_path):
+@pytest.mark.parametrize("launcher", [["launcher.nproc_per_node=1"], ["strategy=single", "launcher=local"]])
+def test_a_corrupt_file_found_by_the_ranks_is_one_line_and_exit_1(tmp_path, launcher):
     # With checksums off nothing checks the files before launch: the ranks find the bad one.
     root = _cifar(tmp_path / "cifar", corrupt="data_batch_3")
     code, lines, left = _run(
         tmp_path,
+        *launcher,
         "dataset=cifar10",
         "model=cnn",
         f"dataset.root={root}",
         "dataset.verify_checksums=false",
         "dataset.input_shape=[3,32,32]",
-        "launcher.nproc_per_node=1",
         "train.global_batch_size=8",
     )
     assert code == 1, lines
