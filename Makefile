@@ -5,6 +5,7 @@ SWEEP   ?= $(lastword $(sort $(wildcard outputs/sweeps/*)))
 ARGS    ?=
 STRATEGY ?= ddp
 WORLD   ?= 2
+HOST    ?= localhost
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-full gpu-check mutants sweep compare parity bench tensorboard lint clean
@@ -47,8 +48,8 @@ compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=
 bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampling overhead % (ARGS="--strategies ddp --sizes small --repeats 3")
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.bench $(ARGS)
 
-tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/
-	$(PY) -m tensorboard.main --logdir outputs --bind_all
+tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/, on localhost (HOST=0.0.0.0 to serve other machines)
+	$(PY) -m tensorboard.main --logdir outputs --host $(HOST)
 
 lint: $(STAMP) ## ruff: lint and format check
 	$(PY) -m ruff check .

@@ -10,10 +10,15 @@ from torchvision import datasets, transforms
 from experiments.config import ConfigError, DatasetConfig
 
 # Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
+# torchvision refuses to load either split unless the files of both are there.
 EXPECTED = {
-    "mnist": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
+    "mnist": [
+        f"MNIST/raw/{s}-{k}-idx{d}-ubyte"
+        for s in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    ],
     "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
-    + ["cifar-10-batches-py/batches.meta"],
+    + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
 }
 NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
@@ -49,7 +54,8 @@ def vision_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
     mean, std = NORMALIZE[cfg.name]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     root = str(Path(cfg.root).expanduser())
+    # Never download here, in every rank at once: data.checks.fetch ran once before launch.
     if cfg.name == "mnist":
-        return datasets.MNIST(root, train=True, download=cfg.download, transform=tf)
+        return datasets.MNIST(root, train=True, download=False, transform=tf)
     cls = datasets.CIFAR10 if cfg.verify_checksums else _UncheckedCIFAR10
-    return cls(root, train=True, download=cfg.download, transform=tf)
+    return cls(root, train=True, download=False, transform=tf)

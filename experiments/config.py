@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -16,22 +17,55 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 FROZEN_CONFIG = "config.resolved.yaml"
 
 
+# Closed choices are Enums, so a wrong value fails at compose time as a wrong key does. They are
+# StrEnums: each member equals its string ("adamw"), so code and YAML compare them as strings.
+class Optimizer(StrEnum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class LRSchedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast
+
+
+class Device(StrEnum):
+    auto = "auto"  # cuda when visible
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class RdzvBackend(StrEnum):
+    c10d = "c10d"
+    static = "static"
+
+
+class StartMethod(StrEnum):
+    forkserver = "forkserver"
+    spawn = "spawn"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
     global_batch_size: int = 64
     grad_accum_steps: int = 1
     lr: float = 0.1
-    lr_schedule: str = "constant"  # constant | cosine
+    lr_schedule: LRSchedule = LRSchedule.constant
     warmup_steps: int = 0
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: Optimizer = Optimizer.sgd
     momentum: float = 0.0
     weight_decay: float = 0.0
     # Clip the global gradient norm to this value (0 = off). One all-reduce of one scalar per step.
     grad_clip: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: Precision = Precision.fp32
     log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     deterministic: bool = True
     # Training-state checkpoints (torch.distributed.checkpoint) in <job dir>/checkpoints/step_<N>:
     # every `checkpoint_every` steps (0 = only the final one), the newest `keep_checkpoints` kept
@@ -61,9 +95,9 @@ class StrategyConfig:
     gradient_as_bucket_view: bool = False
     # FSDP2: True reshards parameters after forward (ZeRO-3), False keeps them (ZeRO-2).
     reshard_after_forward: bool = True
-    # FSDP2 MixedPrecisionPolicy: param dtype for compute and grad-reduce dtype (fp32 | bf16).
-    mp_param_dtype: str = "fp32"
-    mp_reduce_dtype: str = "fp32"
+    # FSDP2 MixedPrecisionPolicy: param dtype for compute and grad-reduce dtype.
+    mp_param_dtype: Precision = Precision.fp32
+    mp_reduce_dtype: Precision = Precision.fp32
     # Tensor parallel: shard norms/dropout along the sequence between the TP regions.
     sequence_parallel: bool = False
     # Pipeline: schedule name and microbatches per local batch; stages per rank for interleaved ones.
@@ -108,16 +142,18 @@ class LauncherConfig:
     node_rank: int = 0
     # host:port of the c10d rendezvous; empty picks a free loopback port (single node).
     rdzv_endpoint: str = ""
-    rdzv_backend: str = "c10d"  # c10d | static
+    rdzv_backend: RdzvBackend = RdzvBackend.c10d
     rdzv_id: str = ""
     max_restarts: int = 0
     # How local ranks start (spawn and torchrun): forkserver imports torch once, spawn once per rank.
-    start_method: str = "forkserver"
+    start_method: StartMethod = StartMethod.forkserver
     # Intra-op threads per rank; 0 divides the machine's cores evenly among the local ranks.
     threads_per_rank: int = 0
     # Seconds a collective (or the initial rendezvous of the ranks) may wait for a peer before the
     # job fails naming the rank and the collective: a stuck or stopped rank is an error, not a hang.
     timeout_s: int = 600
+    # Seconds the agent waits for every node to join the rendezvous (nnodes > 1) before it gives up.
+    join_timeout_s: int = 600
     # Seconds the ranks get to stop on their own (SIGTERM: checkpoint at the next log step; Ctrl-C)
     # before the launcher kills them.
     grace_s: int = 30

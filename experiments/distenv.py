@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from experiments.config import Config
+from parallel.rendezvous import LOOPBACK_ENV, is_loopback, loopback_store
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,12 @@ def _attempt_store(timeout: timedelta | None) -> dist.Store | None:
     attempt published there, and fail to connect or connect to the wrong process.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        if is_loopback(os.environ["MASTER_ADDR"]):
+            # One node: this job's store and gloo/NCCL sockets listen on loopback only.
+            os.environ.update({k: v for k, v in LOOPBACK_ENV.items() if k not in os.environ})
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            port = int(os.environ["MASTER_PORT"])
+            return loopback_store(port, world, rank == 0, timeout or timedelta(minutes=30))
         return None  # init_process_group's own env:// rendezvous
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],

@@ -11,13 +11,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from data.checks import DataUnavailable, fetch
 from experiments import worker
+from experiments.checkpoint import resolve
 from experiments.config import FROZEN_CONFIG, Config, ConfigError, save_frozen
+from experiments.jobdir import check_name, undo_hydra
+from experiments.keys import check_known, override_keys
 from experiments.nodes import PER_NODE, first_difference
 from experiments.record import METRICS_FILE, RunRecord
+from experiments.resources import check_resources
 from experiments.slurm import place_on_allocation, swept_keys_from_env, under_submitit
 from experiments.validate import validate
 from parallel.launch import launch
+from parallel.rendezvous import check_endpoint
 
 
 def swept_keys(argv: list[str], sweeper_params: Mapping[str, object] | None) -> list[str]:
@@ -53,13 +59,8 @@ def subdir_name(
     return name.replace("/", "_")
 
 
-def _discard_if_fresh(job_dir: Path) -> None:
-    # A rejected job leaves no directory behind, unless it already held something of the user's.
-    if {p.name for p in job_dir.iterdir()} <= {".hydra", "train.log"}:
-        import shutil
-
-        shutil.rmtree(job_dir, ignore_errors=True)
-
+# What a run leaves in its job dir: none of it is ever overwritten by another run.
+RESULTS = (METRICS_FILE, "tb", "checkpoints")
 
 # Keys that may differ from the config already in the job dir: a longer run, another source, and
 # the node of a multi-node job (every node's agent shares the one job dir).
@@ -79,7 +80,13 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     Returns the final loss when that run already finished every step (nothing to do), else None.
     """
     frozen = job_dir / FROZEN_CONFIG
+    results = [n for n in RESULTS if (job_dir / n).exists()]
     if not frozen.is_file():
+        if results:
+            raise ConfigError(
+                f"{job_dir} holds {results[0]} but no {FROZEN_CONFIG}: not a run paralab can continue; "
+                "use a new hydra.run.dir"
+            )
         return None
     old = OmegaConf.to_container(OmegaConf.load(frozen))
     new = OmegaConf.to_container(cfg, resolve=True)
@@ -96,7 +103,22 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
         record = RunRecord.read(job_dir)
         if record.steps >= cfg.train.steps and len(record.losses) >= cfg.train.steps:
             return record.final_loss
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own restart
+    if results and not restarted and (cfg.train.resume != "auto" or resolve("auto", job_dir) is None):
+        why = (
+            "no complete checkpoint to resume from"
+            if cfg.train.resume == "auto"
+            else (f"results, and train.resume={cfg.train.resume} would start another run over them")
+        )
+        raise ConfigError(
+            f"{job_dir} holds a run with {why}; a rerun would overwrite or mix its results: use a new "
+            "hydra.run.dir (train.resume=<this dir> there starts from its checkpoint, if any)"
+        )
     return None
+
+
+# Jobs of this process's sweep that were rejected and that ran: a sweep of only rejected jobs fails.
+outcomes = {"rejected": 0, "ran": 0}
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -119,19 +141,28 @@ def run_job(cfg: DictConfig) -> float | None:
                 cfg.launcher.name = "torchrun"
                 cfg.launcher.nproc_per_node = local
                 cfg.launcher.nnodes = int(os.environ["WORLD_SIZE"]) // local
+        check_name(job_dir)
+        check_known(cfg)
         typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        validate(typed)
+        degrees = validate(typed, explicit=override_keys(hc.overrides.task))
+        check_endpoint(typed.launcher)
         finished = check_rerun(cfg, job_dir)
-    except ConfigError as e:
-        print(f"paralab: config error: {e}", file=sys.stderr)
-        _discard_if_fresh(job_dir)
+        if finished is None:
+            check_resources(typed, degrees, job_dir)
+        fetch(typed.dataset)
+    except (ConfigError, DataUnavailable) as e:
+        config_error = isinstance(e, ConfigError)
+        print(f"paralab: {'config error: ' if config_error else ''}{e}", file=sys.stderr)
+        undo_hydra(job_dir)
         if external:
             worker.publish_job_dir(None)
-        if multirun:
+        if multirun and config_error:
+            outcomes["rejected"] += 1
             print(f"paralab: skipped job {job_dir.name}", file=sys.stderr)
             return None
-        sys.exit(2)
+        sys.exit(2 if config_error else 1)
 
+    outcomes["ran"] += 1
     if finished is not None:
         print(f"paralab: {job_dir} is finished: all {typed.train.steps} steps are done; nothing to do")
         if external:

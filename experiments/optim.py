@@ -13,9 +13,6 @@ from torch import nn
 
 from experiments.config import TrainConfig
 
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
-
 
 @dataclass(frozen=True)
 class OptimizerSpec:

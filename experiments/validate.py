@@ -2,69 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from data import check_dataset, dataset_spec
+from data.checks import check_data
 from experiments.config import Config, ConfigError
 from experiments.distenv import check_gpus
-from experiments.optim import LR_SCHEDULES, OPTIMIZERS
+from experiments.keys import check_used
+from experiments.ranges import check_ranges
 from models import check_model_fits_data
 from parallel.launch import check_launcher
 from parallel.mesh import Degrees, resolve_degrees
 from parallel.registry import get_spec
 
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
 
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value} is not one of: {', '.join(allowed)}")
-
-
-def _positive(key: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{key}={value} must be >= 1")
-
-
-def validate(cfg: Config, world_size: int | None = None) -> Degrees:
-    t = cfg.train
-    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _choice("train.device", t.device, DEVICES)
-    for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
-        _positive(f"train.{key}", getattr(t, key))
-    if not t.lr > 0:  # also rejects nan
-        raise ConfigError(f"train.lr={t.lr} must be > 0")
-    if not t.grad_clip >= 0:
-        raise ConfigError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 = no clipping)")
-    for key, value in [
-        ("train.measure_every", t.measure_every),
-        ("train.warmup_steps", t.warmup_steps),
-        ("train.checkpoint_every", t.checkpoint_every),
-        ("train.keep_checkpoints", t.keep_checkpoints),
-        ("train.peak_tflops", t.peak_tflops),
-        ("launcher.threads_per_rank", cfg.launcher.threads_per_rank),
-        ("dataset.num_workers", cfg.dataset.num_workers),
-    ]:
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    m, d = cfg.model, cfg.dataset
-    for key, value in [
-        ("model.hidden", m.hidden),
-        ("model.layers", m.layers),
-        ("model.heads", m.heads),
-        ("model.ffn_mult", m.ffn_mult),
-        ("model.channels", m.channels),
-        ("dataset.seq_len", d.seq_len),
-        ("dataset.num_samples", d.num_samples),
-    ]:
-        _positive(key, value)
-    if d.num_classes < 2 or d.vocab_size < 2:
-        raise ConfigError("dataset.num_classes and dataset.vocab_size must be >= 2")
+def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:
+    """Every rule that needs no process; `explicit`: the keys the user set on the command line."""
+    t, m = cfg.train, cfg.model
+    check_ranges(cfg)
     if m.name == "transformer" and m.hidden % m.heads:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if t.resume not in ("auto", "never"):
@@ -86,6 +44,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
         raise ConfigError(problem)
 
     spec = get_spec(cfg.strategy.name)
+    check_used(cfg, explicit)
     preset = spec.fixed_reshard
     if preset is not None and cfg.strategy.reshard_after_forward != preset:
         raise ConfigError(
@@ -93,6 +52,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
             "use strategy=fsdp to choose it freely"
         )
     degrees = resolve_degrees(cfg.strategy, world_size)
+    check_data(cfg)
     check_dataset(cfg.dataset)
     data = dataset_spec(cfg.dataset)
     check_model_fits_data(cfg.model, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import select
@@ -49,6 +50,7 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     signals.install()
+    _quiet_io_failures()
     if launcher_pid is not None:
         # Ctrl-C reaches every rank with the launcher: each stops at once (the launcher reports it).
         signal.signal(signal.SIGINT, _interrupted)
@@ -122,6 +124,18 @@ def spawn_entry(
 PR_SET_PDEATHSIG = 1
 PEER_LOST_DELAY_S = 1.0
 RESULT_LINGER_S = 2.0
+
+
+def _quiet_io_failures() -> None:
+    """A full disk fails TensorBoard's writer thread and log writes: those go to the log (if it
+    can take them), not as tracebacks to the terminal, where the launcher says it in one line."""
+    logging.raiseExceptions = False
+
+    def to_log(args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread else "?"
+        file_logger().error("thread %s failed: %r", name, args.exc_value)
+
+    threading.excepthook = to_log
 
 
 class RankFailure(RuntimeError):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -93,6 +94,14 @@ def launch(cfg: LauncherConfig, job_dir: Path, frozen: str | None = None) -> Non
             worker.main(str(job_dir))
         except KeyboardInterrupt:
             raise _stopped(signal.SIGINT, job_dir, started) from None
+        except Exception as e:  # noqa: BLE001 - the one rank, in this process: say it as the others do
+            import traceback
+
+            when = time.strftime("%H:%M:%S")
+            line = f"rank 0 failed (exit code 1) at {when}: {type(e).__name__}: {_last_line(e, 0)}"
+            line += f"; details in {job_dir / 'train.log'}"
+            _say(job_dir, line, traceback.format_exc())
+            raise JobFailed(line, 1) from None
     elif cfg.name == "spawn":
         _spawn(cfg, job_dir, worker.spawn_entry, started)
     else:
@@ -119,6 +128,7 @@ def _spawn(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
         raise _stopped(stop.signum, job_dir, started) from None
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
         _stop_processes(ctx.processes, signal.SIGKILL, 0)
+        _raise_if_disk_full(job_dir)
         raise _spawn_failed(e, job_dir) from None
 
 
@@ -163,34 +173,53 @@ def _stop_processes(processes, signum: int, grace_s: float) -> None:
 def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float, frozen: str | None) -> None:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    endpoint = cfg.rdzv_endpoint or f"127.0.0.1:{free_port()}"
-    rdzv_configs: dict[str, object] = {}
+    from parallel.rendezvous import LOOPBACK, loopback_only, say_while_waiting
+
+    endpoint = cfg.rdzv_endpoint or f"{LOOPBACK}:{free_port()}"
+    rdzv_configs: dict[str, object] = {"join_timeout": cfg.join_timeout_s}
     if cfg.rdzv_backend == "static":
         rdzv_configs["rank"] = cfg.node_rank
+    # One node: the rendezvous lives in a FileStore and the ranks' store on loopback (see
+    # parallel/rendezvous.py): nothing of this job listens on the network.
+    single = cfg.nnodes == 1 and not cfg.rdzv_endpoint and cfg.rdzv_backend == "c10d"
+    store_dir = Path(tempfile.mkdtemp(prefix="paralab-rdzv-")) if single else None
+    if store_dir is not None:
+        rdzv_configs["store_type"] = "file"
     config = LaunchConfig(
         min_nodes=cfg.nnodes,
         max_nodes=cfg.nnodes,
         nproc_per_node=cfg.nproc_per_node,
         run_id=cfg.rdzv_id or ("paralab" if cfg.nnodes > 1 else uuid.uuid4().hex),
         rdzv_backend=cfg.rdzv_backend,
-        rdzv_endpoint=endpoint,
+        rdzv_endpoint=str(store_dir / "store") if store_dir else endpoint,
         rdzv_configs=rdzv_configs,
+        local_addr=LOOPBACK if store_dir else None,
         max_restarts=cfg.max_restarts,
         monitor_interval=0.1,
         start_method=cfg.start_method,
         logs_specs=DefaultLogsSpecs(log_dir=str(job_dir / "torchrun"), redirects=Std.NONE, tee=Std.NONE),
         shutdown_timeout=cfg.grace_s,
     )
+    network = loopback_only() if store_dir else say_while_waiting(cfg, endpoint)
     try:
-        with _torch_logs_to(job_dir, cfg.grace_s), _restored_signal_handlers():
+        with _torch_logs_to(job_dir, cfg.grace_s), _restored_signal_handlers(), network:
             elastic_launch(config, entry)(str(job_dir), os.getpid(), frozen)
     except ChildFailedError as e:
         raise _child_failed(e, job_dir) from None
+    except RendezvousError as e:
+        raise _rendezvous_failed(e, cfg, endpoint, job_dir) from None
+    except (ValueError, OSError):  # e.g. torch reading a rank's error file that a full disk cut short
+        _raise_if_disk_full(job_dir)
+        raise
     except SignalException as e:
         # The agent has already passed the signal on to the ranks and waited for them to stop.
         raise _stopped(e.sigval, job_dir, started) from None
+    finally:
+        if store_dir is not None:
+            shutil.rmtree(store_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -262,9 +291,12 @@ def _torch_logs_to(job_dir: Path, grace_s: float) -> Iterator[None]:
         lg.addHandler(to_file)
         lg.propagate = False
     loggers[-1].addHandler(killer)
+    # A log write that fails (a full disk) must not print logging's own traceback over the one line.
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
     try:
         yield
     finally:
+        logging.raiseExceptions = raising
         loggers[-1].removeHandler(killer)
         for lg, propagate in zip(loggers, saved, strict=True):
             lg.removeHandler(to_file)
@@ -307,8 +339,19 @@ def _how(exitcode: int) -> str:
     return f"failed (exit code {exitcode})"
 
 
+def _raise_if_disk_full(job_dir: Path) -> None:
+    """A full disk is the cause, whatever error it surfaced as: say that instead."""
+    from experiments.resources import disk_full
+
+    line = disk_full(job_dir)
+    if line is not None:
+        print(f"paralab: {line}", file=sys.stderr, flush=True)  # no _say: the log cannot grow
+        raise JobFailed(line, 1)
+
+
 def _child_failed(e, job_dir: Path) -> JobFailed:
     """torch's ChildFailedError as one line naming the rank that failed first and how."""
+    _raise_if_disk_full(job_dir)
     rank, failure = e.get_first_failure()
     when = time.strftime("%H:%M:%S", time.localtime(failure.timestamp))
     # A rank's own error (from its error file) explains the failure; a signal leaves no such file.
@@ -319,6 +362,21 @@ def _child_failed(e, job_dir: Path) -> JobFailed:
         line += f"; then rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))}"
     line += f"; details in {job_dir / 'train.log'}"
     _say(job_dir, line, e.format_msg() + "\n")
+    return JobFailed(line, 1)
+
+
+def _rendezvous_failed(e, cfg: LauncherConfig, endpoint: str, job_dir: Path) -> JobFailed:
+    """The nodes never met: one line saying whom node N waited for, where, and for how long."""
+    from torch.distributed.elastic.rendezvous import RendezvousTimeoutError
+
+    if isinstance(e, RendezvousTimeoutError):
+        line = (
+            f"node {cfg.node_rank}: not all {cfg.nnodes} nodes joined at {endpoint} within "
+            f"launcher.join_timeout_s={cfg.join_timeout_s}; start the same command on every node"
+        )
+    else:
+        line = f"node {cfg.node_rank}: rendezvous at {endpoint} failed: {_last_line(e, -1)} (is node 0 up?)"
+    _say(job_dir, line, f"{e!r}\n")
     return JobFailed(line, 1)
 
 

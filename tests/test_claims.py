@@ -319,7 +319,7 @@ def test_fsdp_checkpoint_from_4_ranks_loads_into_fsdp_on_2_ranks(jobs, tmp_path)
         ]
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    loaded = torch.load(out)
+    loaded = torch.load(out, weights_only=True)
     assert loaded["world"] == 2
     # Really sharded at 2: rank 0 holds the first half (rounded up) of every parameter's dim 0.
     full = loaded["full"]

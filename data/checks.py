@@ -1,0 +1,118 @@
+"""Data that cannot work, found before launch; and the one download, done before launch.
+
+Checked here: a token file too short for one batch; MNIST idx files whose header does not match
+their size; CIFAR-10 batches that fail their published MD5 (with dataset.verify_checksums=true);
+a dataset.input_shape or num_classes that the real files do not have. Downloading runs once, in the
+job's process, before any rank starts: ranks never download (they would race into one folder).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from experiments.config import Config, ConfigError, DatasetConfig
+
+# What the real files hold: the model is built from the config, so the config must say this.
+REAL = {"mnist": ([1, 28, 28], 10), "cifar10": ([3, 32, 32], 10)}
+MNIST_FILES = {  # file -> (idx magic, dims after the count)
+    "MNIST/raw/train-images-idx3-ubyte": (2051, 2),
+    "MNIST/raw/train-labels-idx1-ubyte": (2049, 0),
+}
+
+
+class DataUnavailable(RuntimeError):
+    """The data could not be fetched (no network, a server error): a runtime fault, not a config error."""
+
+
+def check_data(cfg: Config) -> None:
+    d, batch = cfg.dataset, cfg.train.global_batch_size
+    if d.name in REAL:
+        shape, classes = REAL[d.name]
+        if list(d.input_shape) != shape or d.num_classes != classes:
+            raise ConfigError(
+                f"dataset={d.name} holds {classes} classes of shape {shape}; dataset.input_shape="
+                f"{list(d.input_shape)} dataset.num_classes={d.num_classes} cannot change that"
+            )
+    if d.name == "tokens" and d.text_file:
+        _check_text(Path(d.text_file).expanduser(), d.seq_len, batch)
+    if d.download:
+        return  # fetched (and checked by torchvision) before launch
+    root = Path(d.root).expanduser()
+    if d.name == "mnist":
+        for name, (magic, dims) in MNIST_FILES.items():
+            n = _idx_count(root / name, magic, dims)
+            if n is not None and n < batch:
+                raise ConfigError(
+                    f"{root / name} holds {n} samples, fewer than one batch (train.global_batch_size={batch})"
+                )
+    if d.name == "cifar10" and d.verify_checksums:
+        _check_cifar_md5(root)
+
+
+def _check_text(path: Path, seq_len: int, batch: int) -> None:
+    if not path.is_file():
+        return  # data.check_dataset says "not found"
+    size = path.stat().st_size
+    need = batch * seq_len + 1  # one global batch of windows, targets shifted by one
+    if size < need:
+        raise ConfigError(
+            f"dataset.text_file={path} holds {size} bytes; one batch needs train.global_batch_size × "
+            f"dataset.seq_len + 1 = {need}: use a longer file, or a smaller batch or seq_len"
+        )
+
+
+def _idx_count(path: Path, magic: int, dims: int) -> int | None:
+    """Samples in an idx file, after checking that its header matches its size (a truncated or
+    foreign file fails here, not in every rank)."""
+    if not path.is_file():
+        return None  # data.check_dataset says "not found"
+    header = 4 * (2 + dims)
+    with open(path, "rb") as f:
+        raw = f.read(header)
+    if len(raw) < header or struct.unpack(">I", raw[:4])[0] != magic:
+        raise ConfigError(
+            f"{path} is not an MNIST idx file (wrong header); replace it or use dataset.download=true"
+        )
+    n, *shape = struct.unpack(f">{1 + dims}I", raw[4:])
+    expected = header + n * (shape[0] * shape[1] if shape else 1)
+    if path.stat().st_size != expected:
+        raise ConfigError(
+            f"{path} is {path.stat().st_size} bytes but its header promises {expected} (truncated or corrupt); "
+            "replace it or use dataset.download=true"
+        )
+    return n
+
+
+def _check_cifar_md5(root: Path) -> None:
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
+
+    base = root / CIFAR10.base_folder
+    files = [*CIFAR10.train_list, [CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    for name, md5 in files:
+        path = base / name
+        if path.is_file() and not check_integrity(str(path), md5):
+            raise ConfigError(
+                f"{path} fails its published MD5 (corrupt, or not CIFAR-10); delete it and use "
+                "dataset.download=true, or see README (Security) before setting dataset.verify_checksums=false"
+            )
+
+
+def fetch(cfg: DatasetConfig) -> None:
+    """dataset.download=true: fetch the files once, here, before launch (torchvision skips files
+    that are already there and intact)."""
+    if not cfg.download or cfg.name not in REAL:
+        return
+    from torchvision import datasets
+
+    cls = datasets.MNIST if cfg.name == "mnist" else datasets.CIFAR10
+    root = str(Path(cfg.root).expanduser())
+    try:
+        cls(root, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; torchvision raises RuntimeError
+        reason = str(getattr(e, "reason", None) or e).strip().splitlines()
+        raise DataUnavailable(
+            f"dataset={cfg.name}: download into {root} failed ({reason[0] if reason else type(e).__name__}); "
+            f"no network here? put the files under dataset.root={cfg.root} and set dataset.download=false"
+        ) from None

@@ -1,0 +1,373 @@
+"""Hostile input: every bad config is one line naming the key, exit code 2, no process started and
+no directory left behind; faults found after launch are one line naming the cause and exit code 1.
+
+The table runs `train.py`'s own entry point in this process (a pre-launch rejection starts no
+process, so there is none to spawn): each case asserts what a user in a terminal would see.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, TINY
+
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402  (train.py is a script at the repo root)
+
+
+@dataclass(frozen=True)
+class Bad:
+    args: tuple[str, ...]
+    names: str  # what the one line must name (the key, or the file)
+    why: str = ""  # the category, for the test id
+
+    def __str__(self) -> str:
+        return self.why or " ".join(self.args)
+
+
+GPT = ("model=transformer", "dataset=tokens")
+# Each category of issue 9, with more than its example.
+TABLE = [
+    # typos: a wrong option, key or value never runs the default experiment
+    Bad(("experiment=doesnotexist",), "experiment/doesnotexist"),
+    Bad(("experiment=zero_memroy",), "experiment/zero_memroy"),
+    Bad(("+foo=1",), "foo"),
+    Bad(("+train.foo=1",), "train.foo"),
+    Bad(("train.stepz=3",), "train.stepz"),
+    Bad(("strategy=nope",), "strategy/nope"),
+    # numbers nobody checked
+    Bad(("train.lr=nan",), "train.lr"),
+    Bad(("train.lr=inf",), "train.lr"),
+    Bad(("train.lr=-1",), "train.lr"),
+    Bad(("train.momentum=-1",), "train.momentum"),
+    Bad(("train.momentum=1.5",), "train.momentum"),
+    Bad(("train.weight_decay=-1",), "train.weight_decay"),
+    Bad(("train.grad_clip=inf",), "train.grad_clip"),
+    Bad(("strategy.bucket_cap_mb=-1",), "strategy.bucket_cap_mb"),
+    Bad(("dataset.input_shape=[0]",), "dataset.input_shape"),
+    Bad(("dataset.input_shape=[-3]",), "dataset.input_shape"),
+    Bad(("dataset.input_shape=[]",), "dataset.input_shape"),
+    Bad(("seed=-1",), "seed"),
+    Bad(("launcher.join_timeout_s=0",), "launcher.join_timeout_s"),
+    # typed choices fail at compose time, as a wrong key does
+    Bad(("strategy=fsdp", "strategy.mp_param_dtype=fp16"), "strategy.mp_param_dtype"),
+    Bad(("train.precision=fp16",), "train.precision"),
+    Bad(("train.optimizer=adam",), "train.optimizer"),
+    Bad(("launcher.start_method=fork",), "launcher.start_method"),
+    # keys the chosen strategy (model, dataset) does not use
+    Bad(("strategy=ddp", "strategy.schedule=gpipe"), "strategy.schedule"),
+    Bad(("strategy=ddp", "strategy.microbatches=8"), "strategy.microbatches"),
+    Bad(("strategy=ddp", "strategy.tp=2"), "strategy.tp"),
+    Bad(("strategy=tp", "strategy.tp=2", *GPT), "strategy.tp"),
+    Bad(("strategy=fsdp", "strategy.bucket_cap_mb=1"), "strategy.bucket_cap_mb"),
+    Bad(("strategy=ddp", "strategy.reshard_after_forward=false"), "strategy.reshard_after_forward"),
+    Bad(("strategy=pp", "strategy.mp_reduce_dtype=bf16"), "strategy.mp_reduce_dtype"),
+    Bad(
+        ("strategy=single", "launcher=local", "strategy.gradient_as_bucket_view=true"), "strategy.gradient_as"
+    ),
+    # data that cannot work
+    Bad(("dataset=cifar10", "model=cnn", "dataset.input_shape=[3,64,64]"), "dataset.input_shape"),
+    # resources: ranks vs memory, model state vs memory
+    Bad(("launcher.nproc_per_node=512", "train.global_batch_size=512"), "launcher.nproc_per_node"),
+    Bad(("model.hidden=100000",), "model.hidden"),
+    # rendezvous that cannot happen
+    Bad(("launcher.nnodes=2", "launcher.rdzv_endpoint=no-such-host.invalid:29500"), "launcher.rdzv_endpoint"),
+    Bad(("launcher.nnodes=2", "launcher.rdzv_endpoint=node0"), "launcher.rdzv_endpoint"),
+    # path and script injection
+    Bad(("launcher.rdzv_id=../../x",), "launcher.rdzv_id"),
+    Bad(("launcher.nnodes=2", "launcher.rdzv_endpoint='host\nx:29500'"), "launcher.rdzv_endpoint"),
+]
+
+
+def children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    found.add(int(entry))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def cli(monkeypatch, capfd, *args: str) -> tuple[int, list[str]]:
+    """`python train.py ARGS` in this process: (exit code, non-empty stderr lines)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # what the user had; train.py sets its own
+    capfd.readouterr()
+    try:
+        code = train.cli()
+    except SystemExit as e:
+        code = e.code
+    return code, [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+
+
+def rejected(monkeypatch, capfd, tmp_path: Path, *args: str) -> str:
+    before = children()
+    job = tmp_path / "job"
+    code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={job}")
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("paralab: config error: "), lines
+    assert not job.exists(), "a rejected job leaves no directory"
+    assert children() <= before, "a rejected job starts no process"
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", TABLE, ids=str)
+def test_bad_input_is_one_line_naming_it_and_exit_2(bad, monkeypatch, capfd, tmp_path):
+    line = rejected(monkeypatch, capfd, tmp_path, *bad.args)
+    assert bad.names in line, line
+
+
+def _cifar(root: Path, corrupt: str = "") -> Path:
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 255, (8, 3072), dtype=np.uint8), "labels": list(range(8))}
+        (base / name).write_bytes(b"not a pickle" if name == corrupt else pickle.dumps(batch))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    return root
+
+
+def _mnist(root: Path, truncate: bool) -> Path:
+    import struct
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = 64
+    images = struct.pack(">IIII", 2051, n, 28, 28) + bytes(n * 28 * 28 - (100 if truncate else 0))
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(images)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(n))
+    return root
+
+
+def test_data_that_cannot_work_is_rejected_before_launch(monkeypatch, capfd, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("x" * 100)
+    cifar = _cifar(tmp_path / "cifar")  # exists, but fails the published checksums
+    mnist = _mnist(tmp_path / "mnist", truncate=True)
+    for args, names in [
+        ((*GPT, f"dataset.text_file={empty}"), "holds 0 bytes"),
+        ((*GPT, f"dataset.text_file={short}"), "holds 100 bytes"),
+        (("dataset=cifar10", "model=cnn", f"dataset.root={cifar}"), "data_batch_1 fails its published MD5"),
+        (("dataset=mnist", "model=cnn", f"dataset.root={mnist}"), "truncated or corrupt"),
+    ]:
+        assert names in rejected(monkeypatch, capfd, tmp_path, *args)
+
+
+def test_a_sweep_of_only_rejected_jobs_fails(monkeypatch, capfd, tmp_path):
+    sweep = tmp_path / "sweep"
+    code, lines = cli(
+        monkeypatch, capfd, "-m", "strategy=single", "launcher.nproc_per_node=2,4", f"hydra.sweep.dir={sweep}"
+    )
+    assert code == 2, lines
+    assert lines[-1] == "paralab: every job of the sweep (2) was rejected; nothing ran"
+    assert not sweep.exists()
+
+
+def test_a_rejected_job_leaves_an_existing_job_dir_as_it_was(monkeypatch, capfd, tmp_path):
+    job = tmp_path / "job"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "train.log").write_text("what the last run said\n")
+    (job / ".hydra" / "config.yaml").write_text("the last run's config\n")
+    code, lines = cli(monkeypatch, capfd, "train.lr=nan", f"hydra.run.dir={job}")
+    assert code == 2 and len(lines) == 1, lines
+    assert (job / "train.log").read_text() == "what the last run said\n"
+    assert (job / ".hydra" / "config.yaml").read_text() == "the last run's config\n"
+    assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml"]
+
+
+def test_a_rerun_never_overwrites_results_it_cannot_resume(monkeypatch, capfd, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.config import save_frozen
+
+    args = [*TINY, "strategy=single", "launcher=local"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=args)
+    job = tmp_path / "job"
+    (job / "tb" / "rank0").mkdir(parents=True)
+    (job / "tb" / "rank0" / "events").write_text("the last run's curves")
+    code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={job}")
+    assert code == 2 and "holds tb but no config.resolved.yaml" in lines[-1], lines
+    save_frozen(cfg, job)  # the same config, but no checkpoint to continue from
+    code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={job}")
+    assert code == 2 and "no complete checkpoint to resume from" in lines[-1], lines
+    assert (job / "tb" / "rank0" / "events").read_text() == "the last run's curves"
+
+
+def test_no_network_for_a_download_is_one_line_and_exit_1(monkeypatch, capfd, tmp_path):
+    # A proxy that refuses every connection: no network, on any machine.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, closed)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    job = tmp_path / "job"
+    root = tmp_path / "root"
+    code, lines = cli(
+        monkeypatch,
+        capfd,
+        "dataset=mnist",
+        "model=cnn",
+        "dataset.download=true",
+        f"dataset.root={root}",
+        f"hydra.run.dir={job}",
+    )
+    assert code == 1, lines
+    assert len(lines) == 1 and lines[0].startswith("paralab: dataset=mnist: download into"), lines
+    assert "no network here?" in lines[0]
+    assert not job.exists()
+
+
+# ---- After launch: one line naming the cause, exit code 1, no process left. ----
+
+
+def _left_in_group(pgid: int) -> set[int]:
+    """Live processes of process group `pgid` (everything train.py started, orphans included)."""
+    left = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            left.add(int(entry))
+    return left
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, list[str], set[int]]:
+    """`python train.py ARGS` in a session of its own: (exit code, stderr lines, what is left of it)."""
+    from tests.test_faults import job
+
+    with job(tmp_path, *args) as j:
+        code, err, _ = j.finish(timeout)
+        end = time.monotonic() + 10  # "within seconds", as test_faults allows ranks
+        while (left := _left_in_group(j.proc.pid)) and time.monotonic() < end:
+            time.sleep(0.1)
+    return code, [ln for ln in err.splitlines() if ln.strip()], left
+
+
+@pytest.mark.parametrize("launcher", [["launcher.nproc_per_node=1"], ["strategy=single", "launcher=local"]])
+def test_a_corrupt_file_found_by_the_ranks_is_one_line_and_exit_1(tmp_path, launcher):
+    # With checksums off nothing checks the files before launch: the ranks find the bad one.
+    root = _cifar(tmp_path / "cifar", corrupt="data_batch_3")
+    code, lines, left = _run(
+        tmp_path,
+        *launcher,
+        "dataset=cifar10",
+        "model=cnn",
+        f"dataset.root={root}",
+        "dataset.verify_checksums=false",
+        "dataset.input_shape=[3,32,32]",
+        "train.global_batch_size=8",
+    )
+    assert code == 1, lines
+    assert lines[-1].startswith("paralab: rank 0 failed (exit code 1)"), lines
+    assert "UnpicklingError" in lines[-1] and "Traceback" not in "\n".join(lines)
+    assert not left
+
+
+def test_a_missing_node_is_waited_for_out_loud_then_one_line_and_exit_1(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    code, lines, left = _run(
+        tmp_path, "launcher.nnodes=2", f"launcher.rdzv_endpoint={endpoint}", "launcher.join_timeout_s=3"
+    )
+    assert code == 1, lines
+    assert any(f"waiting for all 2 nodes (launcher.nnodes) to join at {endpoint}" in ln for ln in lines), (
+        lines
+    )
+    assert lines[-1] == (
+        f"paralab: node 0: not all 2 nodes joined at {endpoint} within launcher.join_timeout_s=3; "
+        "start the same command on every node"
+    )
+    assert not left
+
+
+def _non_loopback_addresses() -> list[str]:
+    import fcntl
+    import struct
+
+    found = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(
+                    s.fileno(), 0x8915, struct.pack("256s", name[:15].encode())
+                )  # SIOCGIFADDR
+            except OSError:
+                continue
+            addr = socket.inet_ntoa(packed[20:24])
+            if not addr.startswith("127."):
+                found.append(addr)
+    return found
+
+
+def _listening(pids: set[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket these processes listen on, from /proc."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                cols = row.split()
+                local, state, inode = cols[1], cols[3], cols[9]
+                if state == "0A" and inode in inodes:  # LISTEN
+                    hexaddr, port = local.split(":")
+                    raw = bytes.fromhex(hexaddr)
+                    # /proc prints each 32-bit word in host (little-endian) order
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    family = socket.AF_INET if width == 4 else socket.AF_INET6
+                    found.append((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("spawn", marks=pytest.mark.full)])
+def test_a_single_node_job_listens_on_loopback_only(tmp_path, launcher):
+    import ipaddress
+
+    from tests.test_faults import job
+
+    others = _non_loopback_addresses()
+    if not others:
+        pytest.skip("this machine has no non-loopback address to connect from")
+    with job(tmp_path, f"launcher={launcher}") as j:
+        j.ranks()
+        listening = _listening(j.descendants() | {j.proc.pid})
+        assert listening, "the ranks' store listens somewhere"
+        for addr, port in listening:
+            assert ipaddress.ip_address(addr).is_loopback, (addr, port, listening)
+            for other in others:
+                with (
+                    pytest.raises(ConnectionRefusedError),
+                    socket.create_connection((other, port), timeout=5),
+                ):
+                    pass
