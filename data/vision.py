@@ -10,10 +10,15 @@ from torchvision import datasets, transforms
 from experiments.config import ConfigError, DatasetConfig
 
 # Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
+# Both splits: the test split is the held-out one, and torchvision checks for it either way.
 EXPECTED = {
-    "mnist": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/train-labels-idx1-ubyte"],
+    "mnist": [
+        f"MNIST/raw/{p}-{k}-idx{d}-ubyte"
+        for p in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    ],
     "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
-    + ["cifar-10-batches-py/batches.meta"],
+    + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
 }
 NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
@@ -37,19 +42,22 @@ def check_files(cfg: DatasetConfig) -> None:
         )
 
 
-def vision_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
+def vision_dataset(cfg: DatasetConfig, seed: int, val: bool = False) -> Dataset:
+    """The training split, or with `val` the held-out one."""
     if cfg.name == "fake_images":
+        # FakeData seeds image i with random_offset + i: the held-out images take the seeds after
+        # the training ones.
         return datasets.FakeData(
-            size=cfg.num_samples,
+            size=cfg.val_samples if val else cfg.num_samples,
             image_size=tuple(cfg.input_shape),
             num_classes=cfg.num_classes,
             transform=transforms.ToTensor(),
-            random_offset=seed,
+            random_offset=seed + cfg.num_samples if val else seed,
         )
     mean, std = NORMALIZE[cfg.name]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     root = str(Path(cfg.root).expanduser())
     if cfg.name == "mnist":
-        return datasets.MNIST(root, train=True, download=cfg.download, transform=tf)
+        return datasets.MNIST(root, train=not val, download=cfg.download, transform=tf)
     cls = datasets.CIFAR10 if cfg.verify_checksums else _UncheckedCIFAR10
-    return cls(root, train=True, download=cfg.download, transform=tf)
+    return cls(root, train=not val, download=cfg.download, transform=tf)

@@ -78,7 +78,7 @@ def _first_difference(old: object, new: object, path: tuple[str, ...] = ()) -> t
 def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     """A job dir that already holds a run: the same config continues it (resume); another is refused.
 
-    Returns the final loss when that run already finished every step (nothing to do), else None.
+    Returns the objective when that run already finished every step (nothing to do), else None.
     """
     frozen = job_dir / FROZEN_CONFIG
     if not frozen.is_file():
@@ -97,7 +97,7 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     if (job_dir / METRICS_FILE).is_file():
         record = RunRecord.read(job_dir)
         if record.steps >= cfg.train.steps and len(record.losses) >= cfg.train.steps:
-            return record.final_loss
+            return record.objective(cfg.train.objective)
     return None
 
 
@@ -145,9 +145,12 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:
-    """Freeze a validated config into `job_dir`, launch its ranks, return rank 0's final loss."""
+    """Freeze a validated config into `job_dir`, launch its ranks, return the job's objective.
+
+    Hydra hands this value to the sweeper (train.objective: val_loss, train_loss, samples_per_s).
+    """
     save_frozen(cfg, job_dir)
     launch(typed.launcher, job_dir)
     if typed.launcher.name == "slurm" or not (job_dir / METRICS_FILE).exists():
         return None
-    return RunRecord.read(job_dir).final_loss
+    return RunRecord.read(job_dir).objective(typed.train.objective)

@@ -28,6 +28,31 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key}={value} must be >= 1")
 
 
+def _check_eval(cfg: Config) -> None:
+    from experiments.evaluate import OBJECTIVES
+    from models import NORMS
+
+    t = cfg.train
+    _choice("train.objective", t.objective, OBJECTIVES)
+    if t.eval_every < 0 or t.eval_samples < -1:
+        raise ConfigError(
+            f"train.eval_every={t.eval_every} must be >= 0 and train.eval_samples={t.eval_samples} >= -1 "
+            "(-1 = the whole held-out split, 0 = no evaluation)"
+        )
+    if t.eval_samples == 0 and t.objective == "val_loss":
+        raise ConfigError(
+            "train.objective=val_loss needs evaluation; set train.eval_samples != 0 or another objective"
+        )
+    _positive("dataset.val_samples", cfg.dataset.val_samples)
+    m = cfg.model
+    if m.norm and m.name not in NORMS:
+        raise ConfigError(
+            f"model.norm applies to {' and '.join(NORMS)}; model={m.name} has its own LayerNorms"
+        )
+    if m.norm:
+        _choice("model.norm", m.norm, NORMS[m.name])
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Degrees:
     t = cfg.train
     _choice("train.optimizer", t.optimizer, OPTIMIZERS)
@@ -36,6 +61,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Degrees:
     _choice("train.device", t.device, DEVICES)
     for key in ("steps", "global_batch_size", "grad_accum_steps", "log_every"):
         _positive(f"train.{key}", getattr(t, key))
+    _check_eval(cfg)
     if not t.lr > 0:  # also rejects nan
         raise ConfigError(f"train.lr={t.lr} must be > 0")
     if not t.grad_clip >= 0:

@@ -14,6 +14,8 @@ from experiments.optim import OptimizerSpec
 
 # (inputs, targets, loss scale, sync gradients this micro-step?) -> this rank's mean loss, or None
 ForwardBackward = Callable[[Tensor, Tensor, float, bool], Tensor | None]
+# (inputs, targets) -> this rank's model output (logits), or None where it has none (pipelines)
+EvalForward = Callable[[Tensor, Tensor], Tensor | None]
 
 
 @dataclass
@@ -47,6 +49,15 @@ class Parallelized:
     # Run once per step after the last backward, before the norm and the optimizer see the grads.
     after_backward: Callable[[], None] | None = None
     notes: list[str] = field(default_factory=list)
+    # Forward only, for evaluation (called under no_grad, in eval mode). The default calls `model`
+    # itself: the unwrapped replica (DDP, ZeRO-1, DataParallel), or the sharded module (FSDP, TP),
+    # which runs its own collectives. Calling a DDP wrapper here would change when it next
+    # broadcasts buffers.
+    eval_forward: EvalForward | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_forward is None:
+            self.eval_forward = lambda x, y: self.model(x)
 
 
 def module_forward_backward(

@@ -3,6 +3,8 @@ reported beside its theory; a sweep of these jobs turns into a report with one c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiments.parity import run_case
@@ -186,8 +188,9 @@ def test_compare_writes_report_csv_and_plots(sweep):
     assert "![memory.png](memory.png)" in report and "max loss dev vs 1 proc" in report
     csv_rows = (root / "report.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(1 for p in root.iterdir() if (p / "metrics.json").exists())
-    for png in ("throughput.png", "memory.png", "comm.png", "losses.png"):
+    for png in ("throughput.png", "memory.png", "comm.png", "losses.png", "val_loss.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![val_loss.png](val_loss.png)" in report
     import csv
 
     rows = {r["job"]: r for r in csv.DictReader((root / "report.csv").read_text().splitlines())}
@@ -195,6 +198,14 @@ def test_compare_writes_report_csv_and_plots(sweep):
     assert rows["ddp-ws2"]["mem Δ"] == "+0.0%" and rows["ddp-ws2"]["comm Δ"] == "+0.0%", rows["ddp-ws2"]
     assert rows["zero3-ws4"]["comm Δ"] == "+0.0%", rows["zero3-ws4"]
     assert float(rows["ddp-ws2"]["max loss dev vs 1 proc"]) <= 1e-5
+    # The held-out columns are each job's last evaluation (classification: loss and accuracy).
+    for name in ("single-ws1", "ddp-ws2"):
+        m = json.loads((root / name / "metrics.json").read_text())
+        assert (
+            rows[name]["val loss"] == f"{m['val_loss']:.5f}"
+            and rows[name]["val acc"] == f"{m['val_acc']:.4f}"
+        )
+        assert rows[name]["val ppl"] == ""
 
 
 def test_compare_on_an_empty_dir_is_one_clear_error(tmp_path):

@@ -40,6 +40,10 @@ COMMON = [
     "train.global_batch_size=16",
     "dataset.num_samples=256",
     "launcher=torchrun",
+    # Held-out evaluation after steps 2, 4 and 5 over 37 samples: 37 divides neither the batch nor
+    # any world size, so the last batch is partial (at 4 ranks, two ranks hold no real sample).
+    "train.eval_every=2",
+    "train.eval_samples=37",
 ]
 
 
@@ -204,6 +208,21 @@ def check_layout(case: Case, got: dict) -> None:
         assert sum(owned) == psi and max(owned) < psi, (case, "ZeRO-1 must split the optimizer", owned)
 
 
+def check_eval(case: Case, got: dict, ref: dict, tol: float) -> None:
+    """Every evaluation: the held-out loss and accuracy (or perplexity) of one process."""
+    assert [e["step"] for e in got["evals"]] == [e["step"] for e in ref["evals"]] == [2, 4, 5], got["evals"]
+    for key in ("val_loss", "val_acc", "val_ppl"):
+        mine, theirs = [e[key] for e in got["evals"]], [e[key] for e in ref["evals"]]
+        if theirs[0] is None:
+            assert all(v is None for v in mine), (case, key, mine)
+            continue
+        worst = max(deviations(mine, theirs))
+        assert worst <= tol, f"{case}: {key} deviates {worst:.2e} > {tol:.0e}\n{mine}\n{theirs}"
+    assert (got["val_loss"], got["val_acc"], got["val_ppl"]) == tuple(
+        got["evals"][-1][k] for k in ("val_loss", "val_acc", "val_ppl")
+    )
+
+
 def check(case: Case, tmp_path: Path, references) -> None:
     ref, ref_job = references(case)
     got = run_case(case.overrides, tmp_path / "job")
@@ -223,6 +242,7 @@ def check(case: Case, tmp_path: Path, references) -> None:
     assert worst <= 10 * tol, (
         f"{case}: grad norm deviates {worst:.2e}\n{got['grad_norms']}\n{ref['grad_norms']}"
     )
+    check_eval(case, got, ref, tol)
     check_layout(case, got)
     mine, theirs = full_params(tmp_path / "job", case.overrides), full_params(ref_job, case.overrides)
     for name, value in mine.items():
