@@ -17,17 +17,30 @@ from torch.distributed import ProcessGroup
 from parallel.base import StrategyContext
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, plus a path for CPU tensors (gloo), which torch's kernel refuses.
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm's computation for CPU tensors (gloo), which torch's kernel and DDP refuse.
 
-    On CPU the statistics are summed over the group with torch.distributed.nn's differentiable
+    The statistics are summed over the group with torch.distributed.nn's differentiable
     all-reduce, in two passes (the mean, then squared deviations from it) as a one-process
     batch_norm computes them; backward sums each statistic's gradient over the group in turn.
+    In eval mode it is plain BatchNorm on the running statistics, which every rank holds alike.
     """
 
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, group: ProcessGroup) -> None:
+        super().__init__(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+        if bn.affine:
+            self.weight, self.bias = bn.weight, bn.bias
+        for buf in ("running_mean", "running_var", "num_batches_tracked"):
+            setattr(self, buf, getattr(bn, buf))
+        self.group = group
+        self.train(bn.training)
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
     def forward(self, x: Tensor) -> Tensor:
-        group = self.process_group or dist.group.WORLD
-        if x.device.type != "cpu" or not self.training or dist.get_world_size(group) == 1:
+        if not self.training:
             return super().forward(x)
         self._check_input_dim(x)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -38,10 +51,10 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.full((1,), x.numel() // x.size(1), dtype=x.dtype, device=x.device)
-        summed = dist_nn.all_reduce(torch.cat([x.sum(dims), count]), group=group)
+        summed = dist_nn.all_reduce(torch.cat([x.sum(dims), count]), group=self.group)
         n, mean = summed[-1], summed[:-1] / summed[-1]
         centered = x - mean.view(shape)
-        var = dist_nn.all_reduce(centered.square().sum(dims), group=group) / n
+        var = dist_nn.all_reduce(centered.square().sum(dims), group=self.group) / n
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
@@ -52,27 +65,20 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out
 
 
-def _convert(module: nn.Module, group: ProcessGroup) -> int:
+def _convert_cpu(module: nn.Module, group: ProcessGroup) -> None:
     """Replace every BatchNorm under `module` in place, keeping its parameters and buffers."""
-    swapped = 0
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncBatchNorm):
-            sync = SyncBatchNorm(
-                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, group
-            )
-            if child.affine:
-                sync.weight, sync.bias = child.weight, child.bias
-            for buf in ("running_mean", "running_var", "num_batches_tracked"):
-                setattr(sync, buf, getattr(child, buf))
-            sync.train(child.training)
-            setattr(module, name, sync)
-            swapped += 1
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlooSyncBatchNorm):
+            setattr(module, name, GlooSyncBatchNorm(child, group))
         else:
-            swapped += _convert(child, group)
-    return swapped
+            _convert_cpu(child, group)
 
 
 def sync_batchnorm(module: nn.Module, group: ProcessGroup, ctx: StrategyContext) -> None:
     """Under model.norm=sync_batch, synchronise `module`'s BatchNorms over a data-parallel group."""
-    if ctx.cfg.model.norm == "sync_batch" and dist.get_world_size(group) > 1:
-        _convert(module, group)
+    if ctx.cfg.model.norm != "sync_batch" or dist.get_world_size(group) == 1:
+        return
+    if ctx.device.type == "cpu":
+        _convert_cpu(module, group)
+    else:
+        nn.SyncBatchNorm.convert_sync_batchnorm(module, group)
