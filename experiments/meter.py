@@ -200,6 +200,10 @@ class Meter:
         if not self.sampled(step):
             return None
         self.gathered.arm(True)
+        if step == self.cold_step and self.samples_taken % COMM_EVERY_SAMPLES == 0:
+            # After an evaluation a pipeline re-initialises its stages for backward (shape
+            # messages): not the strategy's per-step traffic. The next sample counts instead.
+            return self._probe_grads
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
             self._counter = CommCounter()
             self._counter.__enter__()

@@ -146,6 +146,19 @@ def _check_comm(m: dict) -> None:
             "pp-zbv-ws2",
             ["strategy=pp", "strategy.schedule=zbv", "launcher.nproc_per_node=2", *GPT, "model.layers=4"],
         ),
+        # Evaluations after steps 2, 4, 6, 7 (through the pipeline) leave the counted step 6 exactly
+        # the strategy's own: evaluation adds nothing to the training steps around it.
+        (
+            "pp-gpipe-ws2-eval",
+            [
+                "strategy=pp",
+                "strategy.schedule=gpipe",
+                "launcher.nproc_per_node=2",
+                *GPT,
+                "train.eval_every=2",
+            ]
+            + ["train.steps=7"],
+        ),
         ("mp-ws2-mlp", ["strategy=mp", "launcher.nproc_per_node=2", *MLP]),
         ("fsdp_tp-ws4-gpt", ["strategy=fsdp_tp", "launcher.nproc_per_node=4", *GPT]),
         (
