@@ -16,10 +16,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,optuna]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install paralab with its dev tools
+install: $(STAMP) ## create .venv and install paralab with its dev tools and the optuna extra
 
 run: $(STAMP) ## run the default experiment (DDP, 2 ranks via torchrun, MLP on synthetic data); ARGS=overrides
 	$(PY) train.py $(ARGS)

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from data.sampler import ShardedBatchSampler
 from data.spec import DataSpec
@@ -37,22 +37,46 @@ def check_dataset(cfg: DatasetConfig) -> None:
     check_files(cfg)
 
 
-def build_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
+SPLITS = ("train", "val")
+# A text file's held-out tail: this share of its windows (at least one).
+TEXT_HELD_OUT = 0.1
+
+
+def build_dataset(cfg: DatasetConfig, seed: int, split: str = "train") -> Dataset:
+    """The training split, or the held-out one (`val`), which no training batch ever draws from.
+
+    synthetic: more inputs from the same teacher; tokens: the stream's tail; mnist/cifar10: their
+    test split; fake_images: images seeded after the training ones.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split} is not one of {SPLITS}")
+    val = split == "val"
     if cfg.name == "synthetic":
         from data.synthetic import teacher_dataset
 
-        return teacher_dataset(cfg.num_samples, tuple(cfg.input_shape), cfg.num_classes, seed)
+        held_out = cfg.val_samples if val else 0
+        return teacher_dataset(cfg.num_samples, tuple(cfg.input_shape), cfg.num_classes, seed, held_out)
     if cfg.name == "tokens":
-        from data.tokens import TokenWindows, markov_stream, text_stream
+        from data.tokens import TokenWindows, markov_stream, split_tail, text_stream
 
         if cfg.text_file:
             stream = text_stream(Path(cfg.text_file).expanduser())
+            held_out = max(1, int((len(stream) - 1) // cfg.seq_len * TEXT_HELD_OUT))
         else:
-            stream = markov_stream(cfg.num_samples * cfg.seq_len + 1, cfg.vocab_size, seed)
-        return TokenWindows(stream, cfg.seq_len)
+            held_out = cfg.val_samples
+            stream = markov_stream((cfg.num_samples + held_out) * cfg.seq_len + 2, cfg.vocab_size, seed)
+        head, tail = split_tail(stream, cfg.seq_len, held_out)
+        return TokenWindows(tail if val else head, cfg.seq_len)
     from data.vision import vision_dataset
 
-    return vision_dataset(cfg, seed)
+    return vision_dataset(cfg, seed, val)
+
+
+def take(dataset: Dataset, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The samples at `idx`, as one batch."""
+    if isinstance(dataset, TensorDataset | TokenWindows):
+        return dataset[idx]
+    return default_collate([dataset[i] for i in idx.tolist()])
 
 
 def make_loader(
@@ -75,5 +99,5 @@ def make_loader(
     )
     if isinstance(dataset, TensorDataset | TokenWindows) and cfg.num_workers == 0:
         # In-memory tensors index a whole batch at once: one gather, no DataLoader machinery.
-        return (dataset[idx] for idx in sampler.index_batches())
+        return (take(dataset, idx) for idx in sampler.index_batches())
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)

@@ -47,3 +47,19 @@ class ShardedBatchSampler(Sampler[list[int]]):
             for start in range(skip * self.batch, self.n - self.batch + 1, self.batch):
                 yield order[start + self.offset : start + self.offset + self.local]
             epoch, skip = epoch + 1, 0
+
+
+def eval_index_batches(
+    n: int, global_batch: int, dp_rank: int, dp_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of each held-out batch, in order, and which of its rows are real samples.
+
+    Every rank runs the same number of batches of the same shape (a pipeline's stages and FSDP's
+    collectives need that): the last global batch is filled up with copies of sample 0 that weigh
+    nothing, so each of the n samples counts exactly once, whatever divides what.
+    """
+    local = global_batch // dp_size
+    for start in range(0, n, global_batch):
+        idx = torch.arange(start + dp_rank * local, start + (dp_rank + 1) * local)
+        real = idx < n
+        yield torch.where(real, idx, 0), real

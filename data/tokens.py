@@ -14,13 +14,22 @@ BYTE_VOCAB = 256
 def markov_stream(length: int, vocab_size: int, seed: int) -> Tensor:
     """Each token has two likely successors (90/10), so next-token loss can fall well below log(V)."""
     g = torch.Generator().manual_seed(seed)
-    successors = torch.randint(0, vocab_size, (vocab_size, 2), generator=g)
-    picks = (torch.rand(length, generator=g) < 0.1).long()
-    stream = torch.empty(length, dtype=torch.long)
-    stream[0] = 0
+    successors = torch.randint(0, vocab_size, (vocab_size, 2), generator=g).tolist()
+    picks = (torch.rand(length, generator=g) < 0.1).long().tolist()
+    # Plain Python lists: a tensor index per token costs ~30x more.
+    stream = [0] * length
     for i in range(1, length):
-        stream[i] = successors[stream[i - 1], picks[i]]
-    return stream
+        stream[i] = successors[stream[i - 1]][picks[i]]
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def split_tail(stream: Tensor, seq_len: int, held_out: int) -> tuple[Tensor, Tensor]:
+    """The stream without its tail, and the tail: `held_out` windows (and the last one's target).
+
+    No token of the tail is ever read by a training window, as input or as target.
+    """
+    cut = len(stream) - (held_out * seq_len + 1)
+    return stream[:cut], stream[cut:]
 
 
 def text_stream(path: Path) -> Tensor:

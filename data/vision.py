@@ -10,7 +10,7 @@ from torchvision import datasets, transforms
 from experiments.config import ConfigError, DatasetConfig
 
 # Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
-# torchvision refuses to load either split unless the files of both are there.
+# Both splits: the test split is the held-out one, and torchvision checks for it either way.
 EXPECTED = {
     "mnist": [
         f"MNIST/raw/{s}-{k}-idx{d}-ubyte"
@@ -42,20 +42,23 @@ def check_files(cfg: DatasetConfig) -> None:
         )
 
 
-def vision_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
+def vision_dataset(cfg: DatasetConfig, seed: int, val: bool = False) -> Dataset:
+    """The training split, or with `val` the held-out one."""
     if cfg.name == "fake_images":
+        # FakeData seeds image i with random_offset + i: the held-out images take the seeds after
+        # the training ones.
         return datasets.FakeData(
-            size=cfg.num_samples,
+            size=cfg.val_samples if val else cfg.num_samples,
             image_size=tuple(cfg.input_shape),
             num_classes=cfg.num_classes,
             transform=transforms.ToTensor(),
-            random_offset=seed,
+            random_offset=seed + cfg.num_samples if val else seed,
         )
     mean, std = NORMALIZE[cfg.name]
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     root = str(Path(cfg.root).expanduser())
     # Never download here, in every rank at once: data.checks.fetch ran once before launch.
     if cfg.name == "mnist":
-        return datasets.MNIST(root, train=True, download=False, transform=tf)
+        return datasets.MNIST(root, train=not val, download=False, transform=tf)
     cls = datasets.CIFAR10 if cfg.verify_checksums else _UncheckedCIFAR10
-    return cls(root, train=True, download=False, transform=tf)
+    return cls(root, train=not val, download=False, transform=tf)

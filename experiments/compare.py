@@ -141,6 +141,9 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
                 "bubble": _timing(_fmt(bubble, 1, 3), ok),
                 "theory bubble": _fmt(bubble_t, 1, 3),
                 "final loss": f"{j.r.final_loss:.5f}",
+                "val loss": _fmt(j.r.val_loss, 1, 5),
+                "val acc": _fmt(j.r.val_acc, 1, 4),
+                "val ppl": _fmt(j.r.val_ppl, 1, 3),
                 "max loss dev vs 1 proc": "" if dev is None else f"{dev:.1e}",
             }
         )
@@ -275,6 +278,32 @@ def plot_losses(jobs: list[Job], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_val_loss(jobs: list[Job], path: Path) -> bool:
+    """Time to quality: each job's held-out loss against its training seconds (evaluations left out)."""
+    js = [j for j in jobs if j.r.evals]
+    if not js:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, j in enumerate(sorted(js, key=lambda j: j.name)):
+        hollow = not j.r.timing_meaningful
+        ax.plot(
+            [e["wall_s"] for e in j.r.evals],
+            [e["val_loss"] for e in j.r.evals],
+            marker="o",
+            color=f"C{i % 10}",
+            markerfacecolor="none" if hollow else f"C{i % 10}",
+            label=j.label + (OVERSUB if hollow else ""),
+        )
+    ax.set(
+        xlabel="training wall time (s, evaluation excluded)", ylabel="held-out loss", title="Time to quality"
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_bubble(jobs: list[Job], path: Path) -> bool:
     js = [j for j in jobs if j.rank_mean(Tag.BUBBLE) is not None]
     if not js:
@@ -323,6 +352,9 @@ NOTES = """## Reading this report
   own bookkeeping count as idle, and oversubscribed ranks wait for a core. Each microbatch also pays
   a fixed cost, so with tiny models the measured bubble falls far less than theory as m grows.
   Zero-bubble schedules have no closed form here.
+- **val loss / acc / ppl** = the last held-out evaluation (accuracy for classification, perplexity
+  for language models). `val_loss.png` plots each job's held-out loss against its training wall
+  time with evaluations left out: time to quality, which an oversubscribed job (hollow) distorts.
 """
 
 
@@ -342,6 +374,8 @@ def report(sweep: Path) -> str:
     plot_comm(jobs, sweep / "comm.png")
     plot_losses(jobs, sweep / "losses.png")
     pictures = ["throughput.png", "memory.png", "comm.png", "losses.png"]
+    if plot_val_loss(jobs, sweep / "val_loss.png"):
+        pictures.append("val_loss.png")
     if plot_bubble(jobs, sweep / "bubble.png"):
         pictures.append("bubble.png")
     text = table(rs)

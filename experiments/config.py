@@ -40,6 +40,12 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class Objective(StrEnum):
+    val_loss = "val_loss"
+    train_loss = "train_loss"  # the last step's
+    samples_per_s = "samples_per_s"
+
+
 class RdzvBackend(StrEnum):
     c10d = "c10d"
     static = "static"
@@ -82,6 +88,12 @@ class TrainConfig:
     check_syncs: bool = False
     # Peak dense TFLOP/s of one device for MFU; 0 = look it up by GPU name (no MFU on CPU).
     peak_tflops: float = 0.0
+    # Held-out evaluation every `eval_every` steps (0 = only after the last step), over the first
+    # `eval_samples` samples of the held-out split (-1 = all of it, 0 = no evaluation).
+    eval_every: int = 0
+    eval_samples: int = -1
+    # What the Hydra job returns for sweepers to minimise or maximise.
+    objective: Objective = Objective.val_loss
 
 
 @dataclass
@@ -115,6 +127,9 @@ class ModelConfig:
     heads: int = 4
     channels: int = 16
     max_seq_len: int = 256
+    # cnn, resnet18: batch | sync_batch (BatchNorm synchronised over the data-parallel ranks) | group.
+    # Empty: the model's own (cnn: group, resnet18: batch).
+    norm: str = ""
 
 
 @dataclass
@@ -125,6 +140,9 @@ class DatasetConfig:
     # torchvision checks CIFAR files against published MD5s; tiny test files cannot match them.
     verify_checksums: bool = True
     num_samples: int = 4096
+    # Size of the held-out split of synthetic, tokens (Markov) and fake_images; mnist/cifar10 use
+    # their test split, a text file its last 10% of windows.
+    val_samples: int = 512
     input_shape: list[int] = field(default_factory=lambda: [32])
     num_classes: int = 10
     vocab_size: int = 64

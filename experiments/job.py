@@ -77,7 +77,7 @@ RERUN_MAY_CHANGE = {
 def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     """A job dir that already holds a run: the same config continues it (resume); another is refused.
 
-    Returns the final loss when that run already finished every step (nothing to do), else None.
+    Returns the objective when that run already finished every step (nothing to do), else None.
     """
     frozen = job_dir / FROZEN_CONFIG
     results = [n for n in RESULTS if (job_dir / n).exists()]
@@ -102,7 +102,7 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
     if (job_dir / METRICS_FILE).is_file():
         record = RunRecord.read(job_dir)
         if record.steps >= cfg.train.steps and len(record.losses) >= cfg.train.steps:
-            return record.final_loss
+            return record.objective(cfg.train.objective)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own restart
     if results and not restarted and (cfg.train.resume != "auto" or resolve("auto", job_dir) is None):
         why = (
@@ -176,9 +176,12 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:
-    """Freeze a validated config into `job_dir`, launch its ranks, return rank 0's final loss."""
+    """Freeze a validated config into `job_dir`, launch its ranks, return the job's objective.
+
+    Hydra hands this value to the sweeper (train.objective: val_loss, train_loss, samples_per_s).
+    """
     frozen = save_frozen(cfg, job_dir)
     launch(typed.launcher, job_dir, frozen)
     if not (job_dir / METRICS_FILE).exists():
         return None
-    return RunRecord.read(job_dir).final_loss
+    return RunRecord.read(job_dir).objective(typed.train.objective)

@@ -30,6 +30,8 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
                 run.par, state, run.batches, run.norm, t.grad_accum_steps, t.grad_clip, device, probe
             )
             stopped = meter.end(step, result)
+            if run.evaluator is not None and run.evaluator.due(step) and not stopped:
+                meter.evaluate(step, run.evaluator.run)
             if stopped or meter.checkpoints(step):
                 t0 = time.perf_counter()
                 path = checkpoint.save(state, job_dir, meter.progress(), t.keep_checkpoints)
@@ -74,6 +76,11 @@ def interrupted(run: Run, job_dir: Path) -> float:
     return run.meter.losses[-1]
 
 
+def _last_eval(evals: list[dict]) -> dict[str, float | None]:
+    last = evals[-1] if evals else {}
+    return {k: last.get(k) for k in ("val_loss", "val_acc", "val_ppl")}
+
+
 def finish(run: Run, job_dir: Path) -> float:
     """Gather every rank's summary on rank 0, which writes metrics.json and the HParams entry."""
     cfg, env, meter = run.cfg, run.env, run.meter
@@ -115,6 +122,8 @@ def finish(run: Run, job_dir: Path) -> float:
             resumes=meter.resumes,
             timing_meaningful=meter.timing_meaningful,
             timing_note=meter.timing_note,
+            evals=meter.evals,
+            **_last_eval(meter.evals),
         )
         record.write(job_dir)
         write_hparams(job_dir, record)

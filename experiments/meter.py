@@ -10,6 +10,7 @@ under the comm counter and the memory probes, which see every op and so cost tim
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from torch import Tensor
 from experiments import signals
 from experiments.config import TrainConfig
 from experiments.distenv import RankEnv
+from experiments.evaluate import EvalResult
 from experiments.measure import (
     CommCounter,
     GatheredParams,
@@ -138,6 +140,9 @@ class Meter:
         self.sq_global: list[bool] = []
         self.lrs: list[float] = []
         self.first_step = self.first_buffered = state.step + 1
+        # The step after an evaluation may re-initialise what eval changed (a pipeline's stages
+        # switch back to backward): timed apart like the first step.
+        self.cold_step = 0
         self.window = min(t.log_every, t.steps)  # no interval is longer
         # The interval's clean steps: wall time, data time, pipeline compute time.
         self.clean_s = self.data_s = 0.0
@@ -151,6 +156,8 @@ class Meter:
         self.losses: list[float] = list(progress.get("losses", []))
         self.grad_norms: list[float] = list(progress.get("grad_norms", []))
         self.resumes: list[dict[str, int]] = list(progress.get("resumes", []))
+        self.evals: list[dict[str, Any]] = list(progress.get("evals", []))
+        self.eval_s = 0.0  # seconds spent evaluating, kept out of the training time
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if state.step or restart:
             self.resumes.append({"from_step": state.step, "restart": restart})
@@ -183,7 +190,7 @@ class Meter:
 
     def clean(self, step: int) -> bool:
         # The first step of a run (or of a resumed run) pays for lazy init and warm-up.
-        return step > self.first_step and not self.sampled(step)
+        return step > self.first_step and step != self.cold_step and not self.sampled(step)
 
     # ---- around each step ----
     def begin(self, step: int) -> Callable[[], None] | None:
@@ -201,6 +208,10 @@ class Meter:
         self.gathered.arm(True)
         # The allocator counts on the host, as ops are issued: no sync needed for a step's own peak.
         reset_peak_memory(self.device, self.rates.devices_per_rank)
+        if step == self.cold_step and self.samples_taken % COMM_EVERY_SAMPLES == 0:
+            # After an evaluation a pipeline re-initialises its stages for backward (shape
+            # messages): not the strategy's per-step traffic. The next sample counts instead.
+            return self._probe_grads
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
             self._counter = CommCounter()
             self._counter.__enter__()
@@ -343,10 +354,38 @@ class Meter:
             self.bubble_n += 1
         return perf
 
+    # ---- evaluation ----
+    def evaluate(self, step: int, run: Callable[[int, float], EvalResult]) -> EvalResult:
+        """Run an evaluation after `step`, outside the timed training steps and the wall time."""
+        self._pause()
+        t0 = time.perf_counter()
+        result = run(step, self.training_s(t0))
+        self.eval_s += time.perf_counter() - t0
+        self.cold_step = step + 1
+        self.evals.append(dataclasses.asdict(result))
+        self.sink.scalars(step, result.scalars())
+        if self.env.rank == 0:
+            self.log.info(
+                "eval step %d: %s (%.3f s)",
+                step,
+                " ".join(f"{k} {v:.5f}" for k, v in result.scalars().items()),
+                result.eval_s,
+            )
+        return result
+
+    def training_s(self, now: float) -> float:
+        """Seconds of training in this run so far, evaluations left out (a resumed run restarts it)."""
+        return now - self.wall0 - self.eval_s
+
     # ---- the end of the run ----
     def progress(self) -> dict[str, Any]:
         """What a checkpoint carries besides the training state: the history of the run."""
-        return {"losses": self.losses, "grad_norms": self.grad_norms, "resumes": self.resumes}
+        return {
+            "losses": self.losses,
+            "grad_norms": self.grad_norms,
+            "resumes": self.resumes,
+            "evals": self.evals,
+        }
 
     def stop(self) -> float:
         """Wall time of the loop, from the first step to the last (setup, checkpoint saves and

@@ -78,6 +78,7 @@ class TensorBoardSink:
 LAYOUT = {
     "paralab": {
         "loss": ["Multiline", [Tag.LOSS]],
+        "held-out loss, accuracy, perplexity": ["Multiline", [Tag.VAL_LOSS, Tag.VAL_ACC, Tag.VAL_PPL]],
         "throughput": ["Multiline", [Tag.SAMPLES, Tag.TOKENS]],
         "step time": ["Multiline", [Tag.STEP_TIME, Tag.DATA_TIME]],
         "model-state memory, measured vs theory": [
@@ -108,6 +109,9 @@ def write_hparams(job_dir: Path, record: RunRecord) -> None:
         "hparam/final_loss": record.final_loss,
         "hparam/peak_memory_bytes": record.peak_memory_bytes(),
     }
+    for key in ("val_loss", "val_acc", "val_ppl"):
+        if getattr(record, key) is not None:
+            results[f"hparam/{key}"] = getattr(record, key)
     with SummaryWriter(str(job_dir / "tb" / "hparams")) as w:
         w.add_hparams(hparams, results, run_name=".")
         w.add_custom_scalars(LAYOUT)

@@ -53,6 +53,8 @@ BOUNDS: dict[str, Bound] = {
     "train.keep_checkpoints": AT_LEAST_0,
     "train.measure_every": AT_LEAST_0,
     "train.peak_tflops": AT_LEAST_0,
+    "train.eval_every": AT_LEAST_0,
+    "train.eval_samples": Bound(-1),  # -1: the whole held-out split
     "strategy.tp": AT_LEAST_1,
     "strategy.pp": AT_LEAST_1,
     "strategy.bucket_cap_mb": ABOVE_0,
@@ -65,6 +67,7 @@ BOUNDS: dict[str, Bound] = {
     "model.channels": AT_LEAST_1,
     "model.max_seq_len": AT_LEAST_1,
     "dataset.num_samples": AT_LEAST_1,
+    "dataset.val_samples": AT_LEAST_1,
     "dataset.num_classes": Bound(2),
     "dataset.vocab_size": Bound(2),
     "dataset.seq_len": AT_LEAST_1,

@@ -25,6 +25,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 class Tag:
     LOSS = "loss/train"
+    # Held-out metrics, at each evaluation's step: mean loss, accuracy (classification) and
+    # perplexity (language modelling) over the evaluated samples.
+    VAL_LOSS = "loss/val"
+    VAL_ACC = "acc/val"
+    VAL_PPL = "ppl/val"
     LR = "lr"
     GRAD_NORM = "grad_norm"
     STEP_TIME = "perf/step_time_s"
@@ -110,6 +115,20 @@ class RunRecord:
     checkpoint_s: float = 0.0  # seconds spent saving checkpoints during the loop
     timing_meaningful: bool = True
     timing_note: str = ""
+    # The last evaluation's held-out metrics (None: not evaluated, or not this kind of task), and
+    # every evaluation: {step, wall_s (training seconds before it), eval_s, val_loss, val_acc, val_ppl}.
+    val_loss: float | None = None
+    val_acc: float | None = None
+    val_ppl: float | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def objective(self, name: str) -> float | None:
+        """The number a sweeper optimises (train.objective)."""
+        return {
+            "val_loss": self.val_loss,
+            "train_loss": self.final_loss,
+            "samples_per_s": self.samples_per_s,
+        }[name]
 
     def write(self, job_dir: Path) -> None:
         write_atomic(job_dir / METRICS_FILE, json.dumps(dataclasses.asdict(self), indent=2))

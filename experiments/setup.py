@@ -18,6 +18,7 @@ from data.spec import DataSpec
 from experiments import checkpoint
 from experiments.config import Config
 from experiments.distenv import RankEnv
+from experiments.evaluate import Evaluator
 from experiments.flops import peak_flops_per_s, training_flops_per_sample
 from experiments.measure import local_optimizer, tp_local_shapes
 from experiments.meter import Meter, Rates, TimedBatches
@@ -56,6 +57,7 @@ class Run:
     batches: TimedBatches
     norm: GradNorm
     meter: Meter
+    evaluator: Evaluator | None  # None: train.eval_samples=0
     sink: TensorBoardSink
     spec: StrategySpec
     psi: int
@@ -162,6 +164,10 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     if not meter.timing_meaningful:
         log.warning("timings not meaningful: %s", meter.timing_note)
     norm = GradNorm(par.model, mesh)
+    evaluator = None
+    if t.eval_samples != 0:
+        held_out = build_dataset(cfg.dataset, cfg.seed, "val")
+        evaluator = Evaluator(held_out, spec, par, ctx, dp_rank, dp_size, mesh["tp"].get_local_rank())
     return Run(
         cfg,
         env,
@@ -173,6 +179,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         batches,
         norm,
         meter,
+        evaluator,
         sink,
         strategy,
         psi,

@@ -9,7 +9,7 @@ import torch
 
 from data import check_dataset, dataset_spec
 from data.checks import check_data
-from experiments.config import Config, ConfigError
+from experiments.config import Config, ConfigError, Objective
 from experiments.distenv import check_gpus
 from experiments.keys import check_used
 from experiments.ranges import check_ranges
@@ -19,10 +19,27 @@ from parallel.mesh import Degrees, resolve_degrees
 from parallel.registry import get_spec
 
 
+def _check_eval(cfg: Config) -> None:
+    from models import NORMS
+
+    t, m = cfg.train, cfg.model
+    if t.eval_samples == 0 and t.objective == Objective.val_loss:
+        raise ConfigError(
+            "train.objective=val_loss needs evaluation; set train.eval_samples != 0 or another objective"
+        )
+    if m.norm and m.name not in NORMS:
+        raise ConfigError(
+            f"model.norm applies to {' and '.join(NORMS)}; model={m.name} has its own LayerNorms"
+        )
+    if m.norm and m.norm not in NORMS[m.name]:
+        raise ConfigError(f"model.norm={m.norm} is not one of: {', '.join(NORMS[m.name])}")
+
+
 def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:
     """Every rule that needs no process; `explicit`: the keys the user set on the command line."""
     t, m = cfg.train, cfg.model
     check_ranges(cfg)
+    _check_eval(cfg)
     if m.name == "transformer" and m.hidden % m.heads:
         raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
     if t.resume not in ("auto", "never"):

@@ -9,6 +9,9 @@ from models.staged import StagedModel
 MODELS = ("mlp", "cnn", "resnet18", "transformer")
 IMAGE_MODELS = ("cnn", "resnet18")
 TP_MODELS = ("mlp", "transformer")  # models that declare a tensor-parallel plan
+# model.norm per model, first its default. sync_batch is BatchNorm that data-parallel strategies
+# synchronise over their ranks (parallel/syncbn.py), so they compute what one process computes.
+NORMS = {"cnn": ("group", "batch", "sync_batch"), "resnet18": ("batch", "sync_batch", "group")}
 
 
 def num_blocks(cfg: ModelConfig) -> int:
@@ -30,6 +33,11 @@ def check_model_fits_data(cfg: ModelConfig, spec: DataSpec) -> None:
         )
 
 
+def norm_of(cfg: ModelConfig) -> str:
+    """The model's normalisation: model.norm, or the model's default."""
+    return cfg.norm or NORMS[cfg.name][0]
+
+
 def build_model(cfg: ModelConfig, spec: DataSpec) -> StagedModel:
     check_model_fits_data(cfg, spec)
     if cfg.name == "mlp":
@@ -39,11 +47,11 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> StagedModel:
     if cfg.name == "cnn":
         from models.cnn import CNN
 
-        return CNN(spec.input_shape[0], cfg.channels, cfg.layers, spec.num_classes)
+        return CNN(spec.input_shape[0], cfg.channels, cfg.layers, spec.num_classes, norm_of(cfg))
     if cfg.name == "resnet18":
         from models.resnet import ResNet
 
-        return ResNet(spec.num_classes, spec.input_shape[0])
+        return ResNet(spec.num_classes, spec.input_shape[0], norm_of(cfg))
     from models.transformer import Transformer
 
     return Transformer(spec.vocab_size, spec.seq_len, cfg)

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
+from models.norm import norm_layer
 from models.staged import StagedModel
 
 
-def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(4, cout), nn.ReLU())
+def _conv_block(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), norm(cout), nn.ReLU())
 
 
 class CNN(StagedModel):
-    def __init__(self, in_channels: int, channels: int, layers: int, num_classes: int) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, layers: int, num_classes: int, norm: str = "group"
+    ) -> None:
         super().__init__()
-        self.stem = _conv_block(in_channels, channels, 1)
-        # Downsample in every block; GroupNorm (not BatchNorm) keeps samples independent, so data
-        # parallelism computes exactly what one process computes on the whole batch.
+        # GroupNorm (the default) keeps samples independent, so data parallelism computes exactly
+        # what one process computes on the whole batch; BatchNorm does so only when synchronised.
+        make = norm_layer(norm)
+        self.stem = _conv_block(in_channels, channels, 1, make)
+        # Downsample in every block.
         self.blocks = nn.ModuleDict(
-            {str(i): _conv_block(channels * 2**i, channels * 2 ** (i + 1), 2) for i in range(layers)}
+            {str(i): _conv_block(channels * 2**i, channels * 2 ** (i + 1), 2, make) for i in range(layers)}
         )
         width = channels * 2**layers
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))

@@ -14,6 +14,8 @@ from experiments.optim import OptimizerSpec
 
 # (inputs, targets, loss scale, sync gradients this micro-step?) -> this rank's mean loss, or None
 ForwardBackward = Callable[[Tensor, Tensor, float, bool], Tensor | None]
+# (inputs, targets) -> this rank's model output (logits), or None where it has none (pipelines)
+EvalForward = Callable[[Tensor, Tensor], Tensor | None]
 
 
 @dataclass
@@ -54,6 +56,15 @@ class Parallelized:
     notes: list[str] = field(default_factory=list)
     # GPUs this rank computes on: nn.DataParallel drives every visible one from one process.
     devices_per_rank: int = 1
+    # Forward only, for evaluation (called under no_grad, in eval mode). The default calls `model`
+    # itself: the unwrapped replica (DDP, ZeRO-1, DataParallel), or the sharded module (FSDP, TP),
+    # which runs its own collectives. Calling a DDP wrapper here would change when it next
+    # broadcasts buffers.
+    eval_forward: EvalForward | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_forward is None:
+            self.eval_forward = lambda x, y: self.model(x)
 
 
 def module_forward_backward(

@@ -7,10 +7,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.base import Parallelized, StrategyContext, module_forward_backward
+from parallel.syncbn import sync_batchnorm
 
 
 def wrap_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> DistributedDataParallel:
     s = ctx.cfg.strategy
+    sync_batchnorm(model, mesh["dp_replicate"].get_group(), ctx)
     return DistributedDataParallel(
         model,
         device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,

@@ -10,6 +10,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
+from parallel.syncbn import sync_batchnorm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -17,6 +18,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> None:
     """fully_shard each block, then the root: one all-gather per block, overlapped with compute."""
     s = ctx.cfg.strategy
+    sync_batchnorm(model, dp_mesh.get_group(), ctx)
     kwargs = {
         "mesh": dp_mesh,
         "reshard_after_forward": s.reshard_after_forward,

@@ -7,6 +7,7 @@ applied to each stage before it joins the schedule.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -120,6 +121,37 @@ class BusyClock:
         return lambda: sum(start.elapsed_time(end) for start, end in events) / 1000.0
 
 
+def _stagewise_forward(
+    modules: dict[int, nn.Module],
+    owner: dict[int, int],
+    group: torch.distributed.ProcessGroup,
+    n_stages: int,
+    x: Tensor,
+    y: Tensor,
+) -> Tensor | None:
+    """Forward the whole local batch through the stages in order, for evaluation only.
+
+    Each stage's output goes to the next stage's rank (or stays, when that rank holds it too);
+    the rank of the last stage returns the model's output.
+    """
+    here = torch.distributed.get_rank(group)
+    carry: Tensor | None = x if owner[0] == here else None
+    for sid in range(n_stages):
+        if owner[sid] != here:
+            continue
+        if carry is None:
+            box: list[Tensor | None] = [None]
+            torch.distributed.recv_object_list(box, group=group, group_src=owner[sid - 1])
+            carry = box[0].to(x.device)  # type: ignore[union-attr]
+        carry = modules[sid](carry)
+        if sid == n_stages - 1:
+            return carry
+        if owner[sid + 1] != here:
+            torch.distributed.send_object_list([carry], group=group, group_dst=owner[sid + 1])
+            carry = None
+    return None
+
+
 def apply_pipeline(
     model: StagedModel,
     mesh: DeviceMesh,
@@ -172,9 +204,22 @@ def apply_pipeline(
             )
         return torch.stack([loss.detach() for loss in losses]).mean() if last else None
 
+    def eval_forward(x: Tensor, y: Tensor) -> Tensor | None:
+        # Forward only, through the same stages; the last stage returns the merged outputs. The
+        # first training step after it re-initialises the stages for backward (torch's mode switch).
+        out = schedule.eval(*((x,) if first else ()), target=y if last else None)
+        return out if last else None
+
+    if s.schedule in V_SCHEDULES:
+        # torch 2.14.1's eval() runs ZBV's backward-input actions, which fail without backward.
+        owner = {sid: r for r in range(pp) for sid in stage_ids(r, pp, v, s.schedule)}
+        modules = {stage.stage_index: stage.submod for stage in stages}
+        eval_forward = functools.partial(_stagewise_forward, modules, owner, pp_mesh.get_group(), n_stages)
+
     return Parallelized(
         model=owned,
         forward_backward=forward_backward,
+        eval_forward=eval_forward,
         holds_loss=last,
         pp_group=pp_mesh.get_group() if pp > 1 else None,
         busy_seconds=clock.take,

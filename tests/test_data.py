@@ -47,7 +47,10 @@ def test_tokens_read_a_local_text_file(tmp_path):
     ds = build_dataset(cfg, seed=0)
     x, y = ds[0]
     assert bytes(x.tolist()) == b"hello pa" and bytes(y.tolist()) == b"ello par"
-    assert len(ds) == (len(text.read_bytes()) - 1) // 8
+    # The last tenth of the file's windows is the held-out tail (tests/test_eval.py).
+    windows = (len(text.read_bytes()) - 1) // 8
+    held_out = len(build_dataset(cfg, seed=0, split="val"))
+    assert held_out == windows // 10 and windows - 1 <= len(ds) + held_out <= windows
     with pytest.raises(ConfigError, match="not found"):
         check_dataset(DatasetConfig(name="tokens", text_file=str(tmp_path / "missing.txt")))
 

@@ -34,6 +34,9 @@ def test_log_steps_write_every_step_at_its_own_number(tmp_path):
             assert [e.value for e in events] == pytest.approx(expected, rel=1e-6)
         # Throughput is a property of an interval: one point per log step with clean steps in it.
         assert [e.step for e in acc.Scalars("perf/step_time_s")] == [4, 8, 10]
+        # The held-out metrics of the evaluation after the last step, on every rank.
+        for tag, key in (("loss/val", "val_loss"), ("acc/val", "val_acc")):
+            assert [(e.step, e.value) for e in acc.Scalars(tag)] == [(10, pytest.approx(m[key], rel=1e-6))]
 
 
 def test_grad_clip_engages_and_reports_the_norm_before_clipping(tmp_path):

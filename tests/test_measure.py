@@ -3,6 +3,8 @@ reported beside its theory; a sweep of these jobs turns into a report with one c
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from experiments.parity import run_case
@@ -144,6 +146,19 @@ def _check_comm(m: dict) -> None:
             "pp-zbv-ws2",
             ["strategy=pp", "strategy.schedule=zbv", "launcher.nproc_per_node=2", *GPT, "model.layers=4"],
         ),
+        # Evaluations after steps 2, 4, 6, 7 (through the pipeline) leave the counted step 6 exactly
+        # the strategy's own: evaluation adds nothing to the training steps around it.
+        (
+            "pp-gpipe-ws2-eval",
+            [
+                "strategy=pp",
+                "strategy.schedule=gpipe",
+                "launcher.nproc_per_node=2",
+                *GPT,
+                "train.eval_every=2",
+            ]
+            + ["train.steps=7"],
+        ),
         ("mp-ws2-mlp", ["strategy=mp", "launcher.nproc_per_node=2", *MLP]),
         ("fsdp_tp-ws4-gpt", ["strategy=fsdp_tp", "launcher.nproc_per_node=4", *GPT]),
         (
@@ -186,8 +201,9 @@ def test_compare_writes_report_csv_and_plots(sweep):
     assert "![memory.png](memory.png)" in report and "max loss dev vs 1 proc" in report
     csv_rows = (root / "report.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(1 for p in root.iterdir() if (p / "metrics.json").exists())
-    for png in ("throughput.png", "memory.png", "comm.png", "losses.png"):
+    for png in ("throughput.png", "memory.png", "comm.png", "losses.png", "val_loss.png"):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![val_loss.png](val_loss.png)" in report
     import csv
 
     rows = {r["job"]: r for r in csv.DictReader((root / "report.csv").read_text().splitlines())}
@@ -195,6 +211,14 @@ def test_compare_writes_report_csv_and_plots(sweep):
     assert rows["ddp-ws2"]["mem Δ"] == "+0.0%" and rows["ddp-ws2"]["comm Δ"] == "+0.0%", rows["ddp-ws2"]
     assert rows["zero3-ws4"]["comm Δ"] == "+0.0%", rows["zero3-ws4"]
     assert float(rows["ddp-ws2"]["max loss dev vs 1 proc"]) <= 1e-5
+    # The held-out columns are each job's last evaluation (classification: loss and accuracy).
+    for name in ("single-ws1", "ddp-ws2"):
+        m = json.loads((root / name / "metrics.json").read_text())
+        assert (
+            rows[name]["val loss"] == f"{m['val_loss']:.5f}"
+            and rows[name]["val acc"] == f"{m['val_acc']:.4f}"
+        )
+        assert rows[name]["val ppl"] == ""
 
 
 def test_compare_on_an_empty_dir_is_one_clear_error(tmp_path):

@@ -35,11 +35,25 @@ CNN = (
     "model.layers=2",
     "dataset.input_shape=[3,16,16]",
 )
+# ResNet-18 on 16×16 images: BatchNorm synchronised over the data-parallel ranks (model.norm). At
+# lr 0.1 (and 0.01) its loss jumps about, amplifying rounding 1e-7 → 1e-2 in two steps; at 0.001 the
+# measured deviation stays 8e-7.
+RESNET = (
+    "model=resnet18",
+    "dataset=fake_images",
+    "dataset.input_shape=[3,16,16]",
+    "model.norm=sync_batch",
+    "train.lr=0.001",
+)
 COMMON = [
     "train.steps=5",
     "train.global_batch_size=16",
     "dataset.num_samples=256",
     "launcher=torchrun",
+    # Held-out evaluation after steps 2, 4 and 5 over 37 samples: 37 divides neither the batch nor
+    # any world size, so the last batch is partial (at 4 ranks, two ranks hold no real sample).
+    "train.eval_every=2",
+    "train.eval_samples=37",
 ]
 
 
@@ -59,7 +73,7 @@ class Case:
         return [*self.common, *self.model, f"strategy={self.strategy}", *self.launcher(), *self.extra]
 
     def __str__(self) -> str:
-        model = {tuple(GPT): "gpt", CNN: "cnn"}.get(self.model, "mlp")
+        model = {tuple(GPT): "gpt", CNN: "cnn", RESNET: "resnet18"}.get(self.model, "mlp")
         extra = (f"{k.split('.')[-1]}={v}" for k, v in (e.split("=", 1) for e in self.extra))
         return "-".join([self.strategy, f"ws{self.world}", model, *extra])
 
@@ -86,6 +100,7 @@ MATRIX = [
     Case("zero1", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
     Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
     Case("ddp", 4, CNN),
+    Case("ddp", 2, RESNET),
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
     # Momentum and weight decay are optimizer state and math that ZeRO-1 shards; cosine with warmup.
     Case(
@@ -204,6 +219,21 @@ def check_layout(case: Case, got: dict) -> None:
         assert sum(owned) == psi and max(owned) < psi, (case, "ZeRO-1 must split the optimizer", owned)
 
 
+def check_eval(case: Case, got: dict, ref: dict, tol: float) -> None:
+    """Every evaluation: the held-out loss and accuracy (or perplexity) of one process."""
+    assert [e["step"] for e in got["evals"]] == [e["step"] for e in ref["evals"]] == [2, 4, 5], got["evals"]
+    for key in ("val_loss", "val_acc", "val_ppl"):
+        mine, theirs = [e[key] for e in got["evals"]], [e[key] for e in ref["evals"]]
+        if theirs[0] is None:
+            assert all(v is None for v in mine), (case, key, mine)
+            continue
+        worst = max(deviations(mine, theirs))
+        assert worst <= tol, f"{case}: {key} deviates {worst:.2e} > {tol:.0e}\n{mine}\n{theirs}"
+    assert (got["val_loss"], got["val_acc"], got["val_ppl"]) == tuple(
+        got["evals"][-1][k] for k in ("val_loss", "val_acc", "val_ppl")
+    )
+
+
 def check(case: Case, tmp_path: Path, references) -> None:
     ref, ref_job = references(case)
     got = run_case(case.overrides, tmp_path / "job")
@@ -223,6 +253,7 @@ def check(case: Case, tmp_path: Path, references) -> None:
     assert worst <= 10 * tol, (
         f"{case}: grad norm deviates {worst:.2e}\n{got['grad_norms']}\n{ref['grad_norms']}"
     )
+    check_eval(case, got, ref, tol)
     check_layout(case, got)
     mine, theirs = full_params(tmp_path / "job", case.overrides), full_params(ref_job, case.overrides)
     for name, value in mine.items():

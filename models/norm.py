@@ -1,0 +1,14 @@
+"""The normalisation layer a conv model asks for by name (model.norm)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+def norm_layer(kind: str) -> Callable[[int], nn.Module]:
+    """channels -> layer. sync_batch builds BatchNorm; data parallelism converts it (parallel/syncbn.py)."""
+    if kind == "group":
+        return lambda c: nn.GroupNorm(min(4, c), c)
+    return nn.BatchNorm2d
