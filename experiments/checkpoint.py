@@ -125,6 +125,11 @@ def _prune(job_dir: Path, keep: int, newest: int) -> None:
 def load(state: TrainState, path: Path) -> dict[str, Any]:
     """Collective: fill the live model, optimizer, scheduler and RNG from `path`; return progress."""
     rank = dist.get_rank()
+    if state.engine is not None and not state.engine.resumable:
+        raise NotImplementedError(
+            f"this strategy cannot resume from a checkpoint yet ({path}); resume it with another "
+            "strategy (train.resume=<this job dir> in a new job), or start over with train.resume=never"
+        )
     _init_optim_state(state.optimizer)  # optimizer state exists lazily; DCP loads into tensors
     state.optimizer.zero_grad(set_to_none=True)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -133,11 +138,6 @@ def load(state: TrainState, path: Path) -> dict[str, Any]:
         if not any(k.startswith(f"rng/rank{rank}") for k in stored):
             del sd[f"rng/rank{rank}"]  # another world size: data order is seeded, dropout is not used
         sd["train"] = ""
-        if not sd["optim"] and any(k.startswith("optim.") for k in stored):
-            raise NotImplementedError(
-                f"{path} holds optimizer state, but this strategy has none yet to load it into "
-                "(DeepSpeed ZeRO-3 creates its own at the first step); resume with another strategy"
-            )
         dcp.load(sd, checkpoint_id=str(path))
         set_model_state_dict(state.model, sd["model"])
         if state.engine is not None:

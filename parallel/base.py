@@ -33,6 +33,9 @@ class Engine:
     goes through it where it would step, or read the gradients and optimizer state, itself.
     Where a method returns None, paralab measures or saves as for any other strategy."""
 
+    # Whether a checkpoint can be loaded into it (saving always works).
+    resumable: bool = True
+
     def step(self) -> Tensor:
         """Reduce what is left, step, zero the gradients; the global squared gradient norm, on the device."""
         raise NotImplementedError

@@ -74,6 +74,11 @@ def ds_config(cfg: Config, dp: int) -> dict[str, Any]:
 class DeepSpeedEngine(Engine):
     """paralab's view of one deepspeed.DeepSpeedEngine."""
 
+    # DeepSpeed links its parameters to their optimizer-state fragments when it builds its
+    # optimizer, before any state exists; state created later for a load is not linked, so
+    # safe_set_full_optimizer_state cannot fill it. Its checkpoints load into every other strategy.
+    resumable = False
+
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.zero = engine.optimizer  # DeepSpeedZeroOptimizer or DeepSpeedZeroOptimizer_Stage3
@@ -146,21 +151,6 @@ class DeepSpeedEngine(Engine):
                 for k, v in keys.items()
             }
         return out
-
-    def load(self, model: nn.Module, optim: dict[str, dict[str, Tensor]]) -> None:
-        """Within whole_parameters: the loaded parameters become DeepSpeed's fp32 master partitions,
-        and the loaded optimizer state its partitioned state."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        flat = [s for s in self.engine.basic_optimizer.state.values() if s]
-        for name, p in model.named_parameters():
-            safe_set_full_fp32_param(p, p.data)
-            for k, v in optim.get(name, {}).items():
-                if v.numel() == 1:
-                    for state in flat:
-                        state[k].copy_(v)
-                else:
-                    safe_set_full_optimizer_state(p, v, k)
 
 
 def _tensors(obj: object, depth: int = 4) -> Iterator[Tensor]:
