@@ -48,6 +48,7 @@ def check(cfg: Config) -> None:
 
 def ds_config(cfg: Config, dp: int) -> dict[str, Any]:
     t = cfg.train
+    bucket = int(cfg.strategy.bucket_cap_mb * 2**20 / 4)  # elements of fp32
     return {
         "train_micro_batch_size_per_gpu": t.global_batch_size // t.grad_accum_steps // dp,
         "gradient_accumulation_steps": t.grad_accum_steps,
@@ -60,6 +61,12 @@ def ds_config(cfg: Config, dp: int) -> dict[str, Any]:
             # By default ZeRO-3 keeps parameters under 1e5 elements whole on every rank: on
             # paralab's small models, all of them. Partition every one, as the paper does.
             "stage3_param_persistence_threshold": 0,
+            # DeepSpeed's buckets default to 5e8 elements (2 GB in fp32), allocated with
+            # torch.empty, which train.deterministic fills with NaN on every allocation: 0.6 s a
+            # step on CPU here. Size them as DDP's (strategy.bucket_cap_mb).
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+            "stage3_prefetch_bucket_size": bucket,
         },
         # DeepSpeed clips to 1.0 unless told otherwise; paralab clips only when asked (the same
         # rule: scale by min(1, max_norm / (norm + 1e-6)), inside DeepSpeed's step).

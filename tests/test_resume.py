@@ -108,14 +108,13 @@ def test_resharded_resume_continues_the_run(source, target, tmp_path):
     check_resharded_resume(source, target, tmp_path)
 
 
+@pytest.mark.full
 @NEEDS_DEEPSPEED
 @pytest.mark.parametrize(
     ("source", "target"),
     [
-        (Case("deepspeed", 2, extra=("strategy.zero_stage=3",)), Case("ddp", 2)),
-        pytest.param(
-            Case("deepspeed", 2, extra=("strategy.zero_stage=1",)), Case("zero1", 2), marks=pytest.mark.full
-        ),
+        (Case("deepspeed", 2, extra=(f"strategy.zero_stage={z}",)), Case(target, 2))
+        for z, target in ((3, "ddp"), (1, "zero1"))
     ],
     ids=["deepspeed_zero3-to-ddp2", "deepspeed_zero1-to-zero1"],
 )
