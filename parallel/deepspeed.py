@@ -53,7 +53,7 @@ def ds_config(cfg: Config, dp: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": t.global_batch_size // t.grad_accum_steps // dp,
         "gradient_accumulation_steps": t.grad_accum_steps,
         # paralab's loop owns the accumulation boundary: backward() per micro-step, step() once.
-        # Stage 1 then reduces in step() only; stages 2 and 3 reduce-scatter in every backward
+        # Stage 1 then reduces in step() only; stages 2 and 3 reduce in every backward
         # (their gradients exist only as partitions).
         "managed_gradient_accumulation": False,
         "zero_optimization": {
