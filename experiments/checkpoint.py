@@ -66,17 +66,23 @@ def resolve(resume: str, job_dir: Path) -> Path | None:
     return None
 
 
-def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
-    """This rank's optimizer state by parameter name: live tensors, so a load fills them in place."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    inner = local_optimizer(opt)
+def _optimizer_state(state: TrainState) -> dict[str, dict[str, Any]]:
+    """This rank's optimizer state by parameter name: live tensors, so a load fills them in place.
+
+    An engine's state lives in its own partitions: it hands over whole tensors by name instead.
+    """
+    held = state.engine.optimizer_state(state.model) if state.engine is not None else None
+    if held is not None:
+        return held
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    inner = local_optimizer(state.optimizer)
     return {names[id(p)]: dict(s) for p, s in inner.state.items() if id(p) in names}
 
 
 def _state(state: TrainState, rank: int) -> dict[str, Any]:
     return {
         "model": get_model_state_dict(state.model),
-        "optim": _optimizer_state(state.model, state.optimizer),
+        "optim": _optimizer_state(state),
         f"rng/rank{rank}": state.rng_state(),
     }
 
@@ -85,17 +91,18 @@ def save(state: TrainState, job_dir: Path, progress: dict[str, Any], keep: int) 
     """Collective: every rank writes its shards; rank 0 marks the checkpoint complete and prunes."""
     rank = dist.get_rank()
     path = step_dir(job_dir, state.step)
-    sd = _state(state, rank)
-    # One JSON string: DCP would flatten a nested dict into keys that a fresh template lacks.
-    sd["train"] = json.dumps(
-        {
-            "step": state.step,
-            "data_position": state.data_position,
-            "scheduler": state.scheduler.state_dict(),
-            **progress,
-        }
-    )
-    dcp.save(sd, checkpoint_id=str(path))
+    with state.whole_parameters():
+        sd = _state(state, rank)
+        # One JSON string: DCP would flatten a nested dict into keys that a fresh template lacks.
+        sd["train"] = json.dumps(
+            {
+                "step": state.step,
+                "data_position": state.data_position,
+                "scheduler": state.scheduler.state_dict(),
+                **progress,
+            }
+        )
+        dcp.save(sd, checkpoint_id=str(path))
     if rank == 0:
         write_atomic(path / COMPLETE, f"{state.step}\n")
         _prune(job_dir, keep, newest=state.step)
@@ -118,15 +125,23 @@ def _prune(job_dir: Path, keep: int, newest: int) -> None:
 def load(state: TrainState, path: Path) -> dict[str, Any]:
     """Collective: fill the live model, optimizer, scheduler and RNG from `path`; return progress."""
     rank = dist.get_rank()
+    if state.engine is not None and not state.engine.resumable:
+        raise NotImplementedError(
+            f"this strategy cannot resume from a checkpoint yet ({path}); resume it with another "
+            "strategy (train.resume=<this job dir> in a new job), or start over with train.resume=never"
+        )
     _init_optim_state(state.optimizer)  # optimizer state exists lazily; DCP loads into tensors
     state.optimizer.zero_grad(set_to_none=True)
-    sd = _state(state, rank)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    if not any(k.startswith(f"rng/rank{rank}") for k in stored):
-        del sd[f"rng/rank{rank}"]  # another world size: data order is seeded, dropout is not used
-    sd["train"] = ""
-    dcp.load(sd, checkpoint_id=str(path))
-    set_model_state_dict(state.model, sd["model"])
+    with state.whole_parameters(modify=True):
+        sd = _state(state, rank)
+        if not any(k.startswith(f"rng/rank{rank}") for k in stored):
+            del sd[f"rng/rank{rank}"]  # another world size: data order is seeded, dropout is not used
+        sd["train"] = ""
+        dcp.load(sd, checkpoint_id=str(path))
+        set_model_state_dict(state.model, sd["model"])
+        if state.engine is not None:
+            state.engine.load(state.model, sd["optim"])
     if f"rng/rank{rank}" in sd:
         state.set_rng_state(sd[f"rng/rank{rank}"])
     train = json.loads(sd["train"])

@@ -110,6 +110,8 @@ class StrategyConfig:
     # FSDP2 MixedPrecisionPolicy: param dtype for compute and grad-reduce dtype.
     mp_param_dtype: Precision = Precision.fp32
     mp_reduce_dtype: Precision = Precision.fp32
+    # DeepSpeed (strategy=deepspeed): its ZeRO stage, 1 | 2 | 3.
+    zero_stage: int = 3
     # Tensor parallel: shard norms/dropout along the sequence between the TP regions.
     sequence_parallel: bool = False
     # Pipeline: schedule name and microbatches per local batch; stages per rank for interleaved ones.

@@ -16,8 +16,9 @@ from experiments.config import Config, ConfigError, StrategyConfig
 STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "tp": lambda spec: "tp" in spec.configured,
     "pp": lambda spec: "pp" in spec.configured,
-    # DistributedDataParallel replicates over dp_replicate (ddp, zero1, ddp_pp).
-    "bucket_cap_mb": lambda spec: spec.fill == "dp_replicate",
+    # DistributedDataParallel replicates over dp_replicate (ddp, zero1, ddp_pp); DeepSpeed sizes
+    # its reduce and gather buckets with it too.
+    "bucket_cap_mb": lambda spec: spec.fill == "dp_replicate" or spec.engine == "deepspeed",
     "gradient_as_bucket_view": lambda spec: spec.fill == "dp_replicate",
     # FSDP2 shards over dp_shard (fsdp, zero2, zero3, fsdp_tp, fsdp_tp_pp).
     "reshard_after_forward": lambda spec: spec.fill == "dp_shard",
@@ -27,6 +28,7 @@ STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "schedule": lambda spec: spec.pipelined,
     "microbatches": lambda spec: spec.pipelined,
     "stages_per_rank": lambda spec: spec.pipelined,
+    "zero_stage": lambda spec: spec.engine == "deepspeed",
 }
 
 

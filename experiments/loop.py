@@ -43,6 +43,8 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         meter.stop()
     finally:
         run.sink.close()  # what was logged stays readable, however the loop ended
+    if run.par.engine is not None:
+        run.par.engine.close()
     if stopped:
         return interrupted(run, job_dir)
     INTERRUPTED.unlink(job_dir)
@@ -92,7 +94,7 @@ def finish(run: Run, job_dir: Path) -> float:
         pipelined = run.spec.pipelined
         step_time = meter.steady_step_time()
         record = RunRecord(
-            strategy=s.name,
+            strategy=run.spec.record_name(s),
             world_size=env.world_size,
             degrees=run.degrees.as_dict(),
             model=cfg.model.name,

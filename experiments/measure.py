@@ -151,6 +151,10 @@ def tp_local_shapes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
     return tuple(shapes)
 
 
+# layout()'s name for parameters that DeepSpeed partitions over the data-parallel ranks itself.
+DS_PARTITION = "deepspeed"
+
+
 def layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """What this rank really holds: the evidence that a strategy sharded what it claims to.
 
@@ -161,6 +165,12 @@ def layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     local = full = 0
     sharded: dict[str, int] = defaultdict(int)
     for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            # DeepSpeed ZeRO-3 keeps only this rank's partition of p, padded to equal partitions.
+            local += p.ds_tensor.numel()
+            full += p.ds_numel
+            sharded[DS_PARTITION] += p.ds_numel
+            continue
         local += _local(p).numel()
         full += p.numel()
         for mesh_dim, _, _ in _splits(p):

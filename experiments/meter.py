@@ -171,6 +171,7 @@ class Meter:
         self._counter: CommCounter | None = None
         self._grads_bytes = 0
         reset_peak_memory(device, rates.devices_per_rank)  # setup's unsharded model is not the run's
+        self._engine_memory: dict[str, int] | None = None
 
     # ---- the schedule ----
     def sampled(self, step: int) -> bool:
@@ -219,7 +220,13 @@ class Meter:
         return self._probe_grads
 
     def _probe_grads(self) -> None:
-        self._grads_bytes = storage_bytes(p.grad for p in self.state.model.parameters())
+        engine = self.state.engine
+        # An engine may keep gradients in its own buffers, which exist only now, before its step.
+        self._engine_memory = engine.memory() if engine is not None else None
+        if self._engine_memory is not None:
+            self._grads_bytes = self._engine_memory["grads"]
+        else:
+            self._grads_bytes = storage_bytes(p.grad for p in self.state.model.parameters())
 
     def _pause(self) -> None:
         """End a stretch of clean steps: their time is known once the device has caught up."""
@@ -263,8 +270,10 @@ class Meter:
             self._counter.__exit__(None, None, None)
         self.gathered.arm(False)
         model, opt = self.state.model, self.state.optimizer
-        params_bytes = storage_bytes(model.parameters())
-        optim_bytes = optimizer_state_bytes(opt)
+        if self._engine_memory is not None:
+            params_bytes, optim_bytes = self._engine_memory["params"], self._engine_memory["optim"]
+        else:
+            params_bytes, optim_bytes = storage_bytes(model.parameters()), optimizer_state_bytes(opt)
         gathered = self.gathered.bytes
         memory = {
             Tag.PARAMS_BYTES: params_bytes,

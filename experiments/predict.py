@@ -72,14 +72,16 @@ def optimizer_state_bytes_per_param(cfg: Config) -> int:
     return 4 if cfg.train.momentum else 0
 
 
-def memory(stage: str | None, x: Setting) -> dict[str, float]:
+def memory(stage: str | None, x: Setting, engine: str = "torch") -> dict[str, float]:
     d, m = x.degrees, x.sizes
     if stage is None or d.tp * d.pp > 1:
         return {}
     n, b = d.dp, m.param_bytes
     k = optimizer_state_bytes_per_param(x.cfg)
     psi = m.psi
-    if stage == "dp":
+    if engine == "deepspeed":
+        cats = deepspeed_memory(stage, psi, n, b, k)
+    elif stage == "dp":
         cats = {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * psi}
     elif stage == "os":
         owned = psi if m.assigned_psi is None else m.assigned_psi
@@ -97,6 +99,25 @@ def memory(stage: str | None, x: Setting) -> dict[str, float]:
     out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
     out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, psi, n, Precision(b, b, k))
     return out
+
+
+def deepspeed_memory(stage: str, psi: int, n: int, b: int, k: int) -> dict[str, float]:
+    """What DeepSpeed 0.19's ZeRO holds (measured, and read from its stage_1_and_2.py / stage3.py).
+
+    Its optimizer steps an fp32 master copy of this rank's partition even when training in fp32:
+    the ZeRO paper's mixed-precision K counts that copy, its fp32 formula does not, so DeepSpeed
+    holds b·Ψ/N more optimizer state than the paper's fp32 formula. Stages 1 and 2 keep whole
+    parameters; stage 1 (its reduction waits for the step) whole gradients. Stage 3 gathers every
+    parameter for forward and keeps them into backward: one gathered copy, as FSDP2's ZeRO-2.
+    Stage 2's gradient buckets add a rank-dependent remainder to its gradient partition.
+    """
+    whole_params = stage in ("os", "os+g")
+    return {
+        "params": b * psi if whole_params else b * psi / n,
+        "params_gathered": 0.0 if whole_params else b * psi,
+        "grads": b * psi if stage == "os" else b * psi / n,
+        "optim": (k + b) * psi / n,
+    }
 
 
 # ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
@@ -184,6 +205,28 @@ def pp_comm(x: Setting) -> Payload | None:
     return {"send": each, "recv": each}
 
 
+def deepspeed_comm(x: Setting) -> Payload | None:
+    """DeepSpeed's ZeRO, as measured with its fp32 defaults and one micro-step per step.
+
+    Stages 1 and 2 all-reduce the whole gradient (in buckets), then all-gather the updated
+    partitions of the flat parameter buffer (padded to a multiple of 2N elements); the gradient
+    norm is one more fp32 all-reduce. Stage 3 gathers the parameters once (coalesced) for forward,
+    reduce-scatters the gradients once, and reduces the norm in fp64.
+    """
+    n, b, psi = x.degrees.dp, x.sizes.param_bytes, x.sizes.psi
+    if n == 1 or x.cfg.train.grad_accum_steps != 1 or x.cfg.train.precision != "fp32":
+        return None
+    if x.cfg.strategy.zero_stage == 3:
+        padded = math.ceil(psi / n) * n
+        return {
+            "all_gather": (b * padded, n, None),
+            "reduce_scatter": (b * padded, n, None),
+            "all_reduce": (8, n, 1),
+        }
+    padded = math.ceil(psi / (2 * n)) * 2 * n
+    return {"all_reduce": (b * psi + 4, n, None), "all_gather": (b * padded, n, 1)}
+
+
 def ddp_pp_comm(x: Setting) -> Payload | None:
     pp = pp_comm(x)
     return None if pp is None else {**pp, **ddp_comm(x)}
@@ -228,7 +271,7 @@ def bubble(x: Setting) -> dict[str, float]:
 def predict(spec, x: Setting) -> dict[str, float]:
     """Every prediction for one rank of a run, from its strategy's registry entry."""
     return {
-        **memory(spec.zero_stage(x.cfg.strategy), x),
+        **memory(spec.zero_stage(x.cfg.strategy), x, spec.engine),
         **communication(spec.comm, x),
         **(bubble(x) if spec.pipelined else {}),
     }

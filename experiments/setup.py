@@ -87,7 +87,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     for note in par.notes:
         log.info(note)
     opt = par.make_optimizer(par.model, optimizer_spec(t))
-    state = TrainState(par.model, opt, lr_scheduler(opt, t))
+    state = TrainState(par.model, opt, lr_scheduler(opt, t), engine=par.engine)
     source = checkpoint.resolve(t.resume, job_dir)
     progress = checkpoint.load(state, source) if source is not None else None
     if progress is not None:

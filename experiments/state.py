@@ -7,11 +7,15 @@ schedule, the step count, how far the data stream has been read, and the RNGs tr
 from __future__ import annotations
 
 import random
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from parallel.base import Engine
 
 
 @dataclass
@@ -21,6 +25,12 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     step: int = 0  # optimizer steps taken
     data_position: int = 0  # micro-batches drawn from the sampler
+    # An engine that owns the optimizer's partitions (and perhaps the parameters): state is read
+    # and written through it.
+    engine: Engine | None = None
+
+    def whole_parameters(self, modify: bool = False) -> AbstractContextManager:
+        return self.engine.whole_parameters(modify) if self.engine is not None else nullcontext()
 
     @staticmethod
     def rng_state() -> dict[str, Any]:

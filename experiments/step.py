@@ -130,13 +130,18 @@ def train_step(
         par.after_backward()
     if probe is not None:
         probe()  # the Meter's memory probe, on sampled steps: gradients exist only here
-    sq = norm.local_sq()
-    if grad_clip > 0:
-        if dist.get_world_size() > 1:
-            dist.all_reduce(sq)
-        clip_(norm, sq, grad_clip)
-    state.optimizer.step()
+    if par.engine is not None:
+        # The engine holds the reduced gradients in its own partitions: it steps, zeroes them and
+        # computes the global norm itself.
+        sq, is_global = par.engine.step(), True
+    else:
+        sq, is_global = norm.local_sq(), grad_clip > 0
+        if grad_clip > 0:
+            if dist.get_world_size() > 1:
+                dist.all_reduce(sq)
+            clip_(norm, sq, grad_clip)
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    return StepResult(losses, sq, grad_clip > 0)
+    return StepResult(losses, sq, is_global)

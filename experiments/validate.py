@@ -68,6 +68,8 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
             f"strategy={cfg.strategy.name} means reshard_after_forward={str(preset).lower()}; "
             "use strategy=fsdp to choose it freely"
         )
+    if spec.check is not None:
+        spec.check(cfg)
     degrees = resolve_degrees(cfg.strategy, world_size)
     check_data(cfg)
     check_dataset(cfg.dataset)

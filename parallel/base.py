@@ -30,6 +30,37 @@ class StrategyContext:
         return nullcontext()
 
 
+class Engine:
+    """A training engine that owns the optimizer step (DeepSpeed, a parameter server), so the loop
+    goes through it where it would step, or read the gradients and optimizer state, itself.
+    Where a method returns None, paralab measures or saves as for any other strategy."""
+
+    # Whether a checkpoint can be loaded into it (saving always works).
+    resumable: bool = True
+
+    def step(self) -> Tensor:
+        """Reduce what is left, step, zero the gradients; the global squared gradient norm, on the device."""
+        raise NotImplementedError
+
+    def whole_parameters(self, modify: bool = False) -> AbstractContextManager:
+        """Within it, the model's parameters hold their whole values (to save or load them by name)."""
+        return nullcontext()
+
+    def optimizer_state(self, model: nn.Module) -> dict[str, dict[str, Tensor]] | None:
+        """The optimizer state by parameter name, as whole tensors."""
+        return None
+
+    def load(self, model: nn.Module, optim: dict[str, dict[str, Tensor]]) -> None:
+        """Within whole_parameters(modify=True): take the loaded parameters and optimizer state."""
+
+    def memory(self) -> dict[str, int] | None:
+        """Bytes of model state held now in the engine's own buffers: params, grads, optim."""
+        return None
+
+    def close(self) -> None:
+        """After the last step, on every rank."""
+
+
 def _plain_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     return spec(model.parameters())
 
@@ -53,6 +84,9 @@ class Parallelized:
     # bucket layout decides each element's summation order in a >2-rank all-reduce: a resumed run
     # replays one (discarded) forward/backward so its buckets are those of the uninterrupted run.
     replay_on_resume: bool = False
+    # Set (by make_optimizer) where an engine owns gradients and optimizer partitions: the loop
+    # calls its step in place of optimizer.step() and zero_grad(), and measures through it.
+    engine: Engine | None = None
     notes: list[str] = field(default_factory=list)
     # GPUs this rank computes on: nn.DataParallel drives every visible one from one process.
     devices_per_rank: int = 1

@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experiments.config import ConfigError, StrategyConfig
+from experiments.config import Config, ConfigError, StrategyConfig
 from experiments.predict import (
     CommTheory,
     ddp_comm,
     ddp_pp_comm,
+    deepspeed_comm,
     fsdp_comm,
     fsdp_tp_comm,
     no_comm,
@@ -23,9 +24,12 @@ from experiments.predict import (
 )
 from parallel.dataparallel import apply_dp
 from parallel.ddp import apply_ddp
+from parallel.deepspeed import apply_deepspeed
+from parallel.deepspeed import check as check_deepspeed
 from parallel.fsdp import apply_fsdp
 from parallel.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
 from parallel.pipeline import apply_pipeline
+from parallel.ps import apply_ps
 from parallel.single import apply_single
 from parallel.tensor import apply_tp
 from parallel.zero import apply_zero1
@@ -45,16 +49,27 @@ class StrategySpec:
     # One whole batch per step through the stages (the naive layer split): no microbatches.
     one_batch: bool = False
     # ZeRO stage of its model-state memory ("dp", "os", "os+g", "os+g+p"); None = no ZeRO accounting.
-    # "fsdp" means: chosen by strategy.reshard_after_forward.
+    # "fsdp" means: chosen by strategy.reshard_after_forward; "deepspeed": by strategy.zero_stage.
     stage: str | None = None
     # zero2/zero3 are FSDP with reshard_after_forward fixed.
     fixed_reshard: bool | None = None
     comm: CommTheory | None = None  # its collectives per step; None = not predicted
     shards: str = ""  # for the README table and --help
+    # Whose implementation holds the memory: "torch" or "deepspeed" (experiments/predict.py).
+    engine: str = "torch"
+    # Its name in records and reports where a key picks a variant (DeepSpeed's stage).
+    label: Callable[[StrategyConfig], str] | None = None
+    # Its own rules, checked with the others before any process starts (raises ConfigError).
+    check: Callable[[Config], None] | None = None
+
+    def record_name(self, s: StrategyConfig) -> str:
+        return self.label(s) if self.label is not None else s.name
 
     def zero_stage(self, s: StrategyConfig) -> str | None:
         if self.stage == "fsdp":
             return "os+g+p" if s.reshard_after_forward else "os+g"
+        if self.stage == "deepspeed":
+            return {1: "os", 2: "os+g", 3: "os+g+p"}.get(s.zero_stage)
         return self.stage
 
 
@@ -79,6 +94,20 @@ STRATEGIES: dict[str, StrategySpec] = {
     ),
     "zero3": StrategySpec(
         apply_fsdp, **_FSDP, fixed_reshard=True, shards="the batch + optimizer state, grads, params"
+    ),
+    "deepspeed": StrategySpec(
+        apply_deepspeed,
+        "dp_replicate",
+        stage="deepspeed",
+        engine="deepspeed",
+        comm=deepspeed_comm,
+        check=check_deepspeed,
+        label=lambda s: f"deepspeed_zero{s.zero_stage}",
+        shards="DeepSpeed's ZeRO: the batch + optimizer state (stage 1), grads (2), params (3)",
+    ),
+    # RPC, not c10d, carries its gradients: paralab's counter sees none of it (no prediction).
+    "ps": StrategySpec(
+        apply_ps, "dp_replicate", shards="the batch; grads to a parameter server on rank 0 (RPC)"
     ),
     "tp": StrategySpec(apply_tp, "tp", needs_tp_plan=True, comm=tp_comm, shards="each layer's weights"),
     "pp": StrategySpec(

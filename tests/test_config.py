@@ -61,6 +61,7 @@ def test_wrong_type_or_choice_fails_at_compose(override):
         ),
         (["model=cnn"], "needs images"),
         (["strategy.name=nope"], "unknown strategy 'nope'"),
+        (["strategy=deepspeed", "strategy.zero_stage=4"], "strategy.zero_stage=4 is not one of: 1, 2, 3"),
         (["train.measure_every=-1"], "train.measure_every=-1 must be >= 0"),
         (["launcher.threads_per_rank=-2"], "launcher.threads_per_rank=-2 must be >= 0"),
         (["model.layers=0"], "model.layers=0 must be >= 1"),

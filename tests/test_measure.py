@@ -9,6 +9,7 @@ import pytest
 
 from experiments.parity import run_case
 from tests.helpers import compare
+from tests.test_parity import NEEDS_DEEPSPEED
 
 COMMON = [
     "launcher=torchrun",
@@ -98,6 +99,39 @@ def test_zero1_state_follows_the_optimizer_assignment(sweep):
     owned = [r["mem/optim_bytes"] for r in m["ranks"]]
     assert len(set(owned)) > 1, "whole parameters are assigned, so the shards are not all equal"
     assert sum(owned) == pytest.approx(8 * m["params"], rel=MEMORY_REL)
+
+
+@pytest.mark.parametrize(
+    ("stage", "world"),
+    [
+        (3, 2),
+        *(pytest.param(z, 2, marks=pytest.mark.full) for z in (1, 2)),
+        *(pytest.param(z, 4, marks=pytest.mark.full) for z in (1, 2, 3)),
+    ],
+)
+@NEEDS_DEEPSPEED
+def test_deepspeed_memory_and_communication_match_theory(sweep, stage, world):
+    """DeepSpeed's own buffers hold what predict.deepspeed_memory says (its fp32 master partition
+    included), and it sends exactly what predict.deepspeed_comm says."""
+    name = f"deepspeed_zero{stage}"
+    m = sweep(f"{name}-ws{world}", f"strategy={name}", f"launcher.nproc_per_node={world}", *MLP)
+    for r in m["ranks"]:
+        for cat in ("params", "params_gathered", "grads", "optim"):
+            measured, predicted = r[f"mem/{cat}_bytes"], r[f"theory/mem/{cat}_bytes"]
+            if stage == 2 and cat == "grads":
+                # The gradient partition, plus what its reduce buckets hold: rank-dependent.
+                assert predicted * (1 - MEMORY_REL) <= measured < 2 * predicted, (r["rank"], measured)
+                continue
+            assert abs(measured - predicted) <= MEMORY_REL * max(predicted, 1), (
+                r["rank"],
+                cat,
+                measured,
+                predicted,
+            )
+        # The paper's fp32 formula has no master copy: DeepSpeed holds 4 bytes/param/N more.
+        paper = r["theory/mem/paper_model_state_bytes"]
+        assert r["theory/mem/model_state_bytes"] > paper
+    _check_comm(m)
 
 
 def _comm(d: dict, prefix: str) -> dict[str, float]:

@@ -15,8 +15,13 @@ import torch
 from data import dataset_spec
 from experiments.checkpoint import load_full_model_state
 from experiments.config import Config
+from experiments.measure import DS_PARTITION
 from experiments.parity import compose_config, deviations, reference_overrides, run_case, tolerance
 from models import build_model
+from parallel.deepspeed import INSTALL, installed
+
+# Optional extras: their cases are skipped, saying why, where the extra is not installed.
+NEEDS_DEEPSPEED = pytest.mark.skipif(not installed(), reason=f"strategy=deepspeed needs: {INSTALL}")
 
 MLP = ["model=mlp", "model.hidden=16", "model.layers=4", "dataset.input_shape=[8]"]
 GPT = [
@@ -119,7 +124,25 @@ MATRIX = [
     Case("tp", 2, G, ("train.grad_clip=0.3",)),
     Case("pp", 2, G, ("train.grad_clip=0.3",)),
 ]
-FULL = [Case("fsdp_tp_pp", 8, G)]
+# DeepSpeed's engine (an optional extra): ZeRO-3 in make test, every stage and AdamW in full. The
+# parameter server over torch.distributed.rpc.
+MATRIX += [
+    pytest.param(Case("deepspeed", 2, extra=("strategy.zero_stage=3",)), marks=NEEDS_DEEPSPEED),
+    Case("ps", 2),
+]
+FULL = [
+    Case("fsdp_tp_pp", 8, G),
+    *(
+        pytest.param(Case("deepspeed", w, extra=(f"strategy.zero_stage={z}", *x)), marks=NEEDS_DEEPSPEED)
+        for z in (1, 2, 3)
+        for w, x in ((2, ()), (4, ("train.optimizer=adamw", "train.lr=0.01")))
+    ),
+    pytest.param(
+        Case("deepspeed", 2, extra=("strategy.zero_stage=1", "train.grad_clip=0.3")), marks=NEEDS_DEEPSPEED
+    ),
+    Case("ps", 4, extra=("train.momentum=0.9", "train.grad_accum_steps=2")),
+    Case("ps", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +225,9 @@ def check_layout(case: Case, got: dict) -> None:
         if d["dp_shard"] > 1:
             assert lay["sharded_elements"].get("dp_shard") == full, (case, rank, "FSDP must shard all", lay)
         tp_local = full - tp_here + tp_here // d["tp"]
-        if d["dp_shard"] == 1:
+        if lay["sharded_elements"].get(DS_PARTITION):
+            assert local < full, (case, rank, "DeepSpeed ZeRO-3 must partition", lay)
+        elif d["dp_shard"] == 1:
             assert local == tp_local, (case, rank, local, tp_local)
         else:
             assert local < tp_local, (case, rank, local, tp_local)
@@ -217,6 +242,21 @@ def check_layout(case: Case, got: dict) -> None:
     if got["strategy"] == "zero1" and d["dp_replicate"] > 1:
         owned = [lay["optimizer_param_elements"] for lay in layouts]
         assert sum(owned) == psi and max(owned) < psi, (case, "ZeRO-1 must split the optimizer", owned)
+    if got["strategy"].startswith("deepspeed"):
+        check_deepspeed_layout(case, layouts, psi)
+
+
+def check_deepspeed_layout(case: Case, layouts: list[dict], psi: int) -> None:
+    """Stages 1, 2: each rank's optimizer steps one flat partition (padded to 2N elements);
+    stage 3: each rank also holds only its partition of every parameter (padded to N)."""
+    n = len(layouts)
+    if "strategy.zero_stage=3" in case.extra:
+        held = [lay["param_elements_local"] for lay in layouts]
+        assert all(lay["sharded_elements"] == {DS_PARTITION: psi} for lay in layouts), (case, layouts)
+        assert psi <= sum(held) < psi + n * len(fresh_model(case.overrides).state_dict()), (case, held)
+    else:
+        owned = [lay["optimizer_param_elements"] for lay in layouts]
+        assert psi <= sum(owned) < psi + 2 * n and len(set(owned)) == 1, (case, "must split", owned)
 
 
 def check_eval(case: Case, got: dict, ref: dict, tol: float) -> None:

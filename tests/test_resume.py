@@ -14,8 +14,9 @@ import torch
 
 from experiments.checkpoint import COMPLETE, complete_checkpoints, resolve
 from experiments.parity import deviations, run_case
+from parallel.launch import JobFailed
 from tests import test_parity as parity
-from tests.test_parity import GPT, full_params
+from tests.test_parity import GPT, NEEDS_DEEPSPEED, full_params
 
 STEPS, CUT = 6, 3
 # AdamW carries optimizer state and its step count; a warmup that spans the cut needs the
@@ -50,6 +51,7 @@ MATRIX = [
     Case("pp", 2, G),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),
+    Case("ps", 2),
     pytest.param(Case("fsdp_tp_pp", 8, G), marks=pytest.mark.full),  # 8 processes: make test-full
 ]
 
@@ -94,6 +96,34 @@ def test_resumed_run_is_the_same_run(case, tmp_path):
     ids=["fsdp4-to-ddp2", "tp2-to-single", "ddp2-to-zero1-4"],
 )
 def test_resharded_resume_continues_the_run(source, target, tmp_path):
+    check_resharded_resume(source, target, tmp_path)
+
+
+@pytest.mark.full
+@NEEDS_DEEPSPEED
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        (Case("deepspeed", 2, extra=(f"strategy.zero_stage={z}",)), Case(target, 2))
+        for z, target in ((3, "ddp"), (1, "zero1"))
+    ],
+    ids=["deepspeed_zero3-to-ddp2", "deepspeed_zero1-to-zero1"],
+)
+def test_deepspeed_checkpoint_resumes_in_torch(source, target, tmp_path):
+    """DeepSpeed's partitions are saved whole, by parameter name: any strategy continues the run."""
+    check_resharded_resume(source, target, tmp_path)
+
+
+@NEEDS_DEEPSPEED
+def test_resuming_into_deepspeed_is_one_clear_error(tmp_path):
+    ds = Case("deepspeed", 2, extra=("strategy.zero_stage=1",))
+    run_case([*Case("ddp", 2).overrides, f"train.steps={CUT}"], tmp_path / "source")
+    with pytest.raises(JobFailed) as failed:
+        run_case([*ds.overrides, f"train.resume={tmp_path / 'source'}"], tmp_path / "target")
+    assert "cannot resume from a checkpoint yet" in failed.value.message, failed.value.message
+
+
+def check_resharded_resume(source: Case, target: Case, tmp_path: Path) -> None:
     # SGD with momentum: a momentum buffer per parameter to reshard. (AdamW divides by sqrt(v),
     # which turns reduction-order noise in near-zero gradients into 1e-3 parameter differences.)
     sgd = ["train.optimizer=sgd", "train.momentum=0.9", "train.lr=0.05"]
