@@ -60,7 +60,6 @@ BOUNDS: dict[str, Bound] = {
     "strategy.bucket_cap_mb": ABOVE_0,
     "strategy.microbatches": AT_LEAST_1,
     "strategy.stages_per_rank": AT_LEAST_0,
-    "strategy.zero_stage": Bound(1, 3),
     "model.hidden": AT_LEAST_1,
     "model.layers": AT_LEAST_1,
     "model.ffn_mult": AT_LEAST_1,

@@ -176,9 +176,9 @@ def test_slurm_sweep_submits_one_job_per_sweep_job_sized_from_the_launcher(tmp_p
     assert "srun" in script and "submitit" in script
 
 
-def test_submitit_local_sweep_trains_every_job_and_returns_its_loss(tmp_path):
+def test_submitit_local_sweep_trains_every_job_and_returns_its_objective(tmp_path):
     """The submitit launcher end to end on this machine: each job runs torch's agent in its own
-    submitit job, writes its job dir, and hands its final loss back to the sweeper."""
+    submitit job, writes its job dir, and hands its objective (train.objective) back to the sweeper."""
     _need_submitit()
     sweep = tmp_path / "sweep"
     proc = run(
@@ -192,9 +192,10 @@ def test_submitit_local_sweep_trains_every_job_and_returns_its_loss(tmp_path):
         assert status == "success", job_return
         returned[Path(job_return.hydra_cfg.hydra.runtime.output_dir).name] = job_return.return_value
     assert sorted(returned) == ["strategy=ddp", "strategy=fsdp"]
-    for name, loss in returned.items():
+    for name, objective in returned.items():
         m = json.loads((sweep / name / "metrics.json").read_text())
-        assert m["world_size"] == 2 and m["launcher"] == "torchrun" and loss == m["final_loss"]
+        # train.objective's default: the held-out loss.
+        assert m["world_size"] == 2 and m["launcher"] == "torchrun" and objective == m["val_loss"]
 
 
 def test_a_submitit_launcher_without_the_extra_says_what_to_install(tmp_path):
