@@ -42,6 +42,11 @@ SPLITS = ("train", "val")
 TEXT_HELD_OUT = 0.1
 
 
+def text_held_out(n_tokens: int, seq_len: int) -> int:
+    """Windows at the end of a text file kept for evaluation: its last tenth, at least one."""
+    return max(1, int((n_tokens - 1) // seq_len * TEXT_HELD_OUT))
+
+
 def build_dataset(cfg: DatasetConfig, seed: int, split: str = "train") -> Dataset:
     """The training split, or the held-out one (`val`), which no training batch ever draws from.
 
@@ -61,7 +66,7 @@ def build_dataset(cfg: DatasetConfig, seed: int, split: str = "train") -> Datase
 
         if cfg.text_file:
             stream = text_stream(Path(cfg.text_file).expanduser())
-            held_out = max(1, int((len(stream) - 1) // cfg.seq_len * TEXT_HELD_OUT))
+            held_out = text_held_out(len(stream), cfg.seq_len)
         else:
             held_out = cfg.val_samples
             stream = markov_stream((cfg.num_samples + held_out) * cfg.seq_len + 2, cfg.vocab_size, seed)

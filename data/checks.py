@@ -53,12 +53,17 @@ def check_data(cfg: Config) -> None:
 def _check_text(path: Path, seq_len: int, batch: int) -> None:
     if not path.is_file():
         return  # data.check_dataset says "not found"
+    from data import text_held_out
+
     size = path.stat().st_size
-    need = batch * seq_len + 1  # one global batch of windows, targets shifted by one
-    if size < need:
+    # Training windows: what is left before the held-out tail (split_tail), targets shifted by one.
+    train_tokens = size - (text_held_out(size, seq_len) * seq_len + 1)
+    windows = max(0, (train_tokens - 1) // seq_len)
+    if windows < batch:
         raise ConfigError(
-            f"dataset.text_file={path} holds {size} bytes; one batch needs train.global_batch_size × "
-            f"dataset.seq_len + 1 = {need}: use a longer file, or a smaller batch or seq_len"
+            f"dataset.text_file={path} holds {size} bytes: {windows} training windows of dataset.seq_len="
+            f"{seq_len} once its last tenth is held out, fewer than train.global_batch_size={batch}: use a "
+            "longer file, or a smaller batch or seq_len"
         )
 
 

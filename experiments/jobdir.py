@@ -64,7 +64,7 @@ class JobDirGuard(Callback):
 
 
 def check_name(job_dir: Path) -> None:
-    """A newline in the job dir would be a line of its own in the sbatch script and in logs."""
+    """A newline in the job dir would be a line of its own in logs and in the scripts that carry it."""
     if any(ord(c) < 32 or ord(c) == 127 for c in str(job_dir)):
         raise ConfigError(
             f"hydra.run.dir / hydra.sweep.dir {str(job_dir)!r} holds a control character; remove it"

@@ -16,10 +16,10 @@ from experiments.config import Config, ConfigError, StrategyConfig
 STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "tp": lambda spec: "tp" in spec.configured,
     "pp": lambda spec: "pp" in spec.configured,
-    # DistributedDataParallel replicates over dp_replicate (ddp, zero1, ddp_pp); DeepSpeed sizes
-    # its reduce and gather buckets with it too.
-    "bucket_cap_mb": lambda spec: spec.fill == "dp_replicate" or spec.engine == "deepspeed",
-    "gradient_as_bucket_view": lambda spec: spec.fill == "dp_replicate",
+    # DistributedDataParallel (ddp, zero1, ddp_pp); DeepSpeed sizes its reduce and gather buckets
+    # with bucket_cap_mb too.
+    "bucket_cap_mb": lambda spec: spec.wraps_ddp or spec.engine == "deepspeed",
+    "gradient_as_bucket_view": lambda spec: spec.wraps_ddp,
     # FSDP2 shards over dp_shard (fsdp, zero2, zero3, fsdp_tp, fsdp_tp_pp).
     "reshard_after_forward": lambda spec: spec.fill == "dp_shard",
     "mp_param_dtype": lambda spec: spec.fill == "dp_shard",

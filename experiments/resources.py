@@ -41,12 +41,8 @@ def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
             f"launcher.nproc_per_node={local} needs ~{local * FDS_PER_RANK + FDS_SPARE} open files, "
             f"and `ulimit -n` is {soft}: at most {fits} ranks fit (or raise the limit)"
         )
+    # Ranks against GPUs: validate's distenv.check_gpus, which runs first.
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cuda and local > torch.cuda.device_count():
-        raise ConfigError(
-            f"launcher.nproc_per_node={local} exceeds the {torch.cuda.device_count()} visible GPUs "
-            "(one device per local rank)"
-        )
     _check_memory(cfg, degrees, local, cuda)
     _check_disk(cfg, job_dir)
 

@@ -4,7 +4,8 @@
 SLURM, for each sweep job, for `launcher.nnodes` nodes with one task each; each task runs this
 Hydra job on its node, which starts torch's elastic agent (launcher=torchrun) with the node's
 `launcher.nproc_per_node` ranks, all nodes meeting at a rendezvous on the allocation's first
-host. Node 0's task returns the job's final loss to the sweeper, as a local sweep does.
+host. Node 0's task returns the job's objective (train.objective) to the sweeper, as a local
+sweep does.
 
 Validation runs in the SLURM job, on a compute node: a login node without GPUs never judges
 `train.device`. Needs the optional extra `.[slurm]` (hydra-submitit-launcher).

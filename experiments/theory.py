@@ -97,12 +97,3 @@ def tp_elements_per_layer(b: int, s: int, h: int, t: int) -> float:
 def transformer_params(h: int, v: int, layers: int) -> int:
     """N = h·v + L·(12h² + 13h) + 2h (tied embeddings, biased linears, learned norms)."""
     return h * v + layers * (12 * h * h + 13 * h) + 2 * h
-
-
-def training_flops_per_token(n_params: float, layers: int = 0, h: int = 0, seq: int = 0) -> float:
-    """≈ 6N per token for forward + backward, plus torchtitan's attention term 6·L·h·seq."""
-    return 6 * n_params + 6 * layers * h * seq
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    return tokens_per_s * flops_per_token / peak_flops

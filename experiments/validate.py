@@ -16,7 +16,7 @@ from experiments.ranges import check_ranges
 from models import check_model_fits_data
 from parallel.launch import check_launcher
 from parallel.mesh import Degrees, resolve_degrees
-from parallel.registry import get_spec
+from parallel.registry import STRATEGIES, get_spec
 
 
 def _check_eval(cfg: Config) -> None:
@@ -33,6 +33,12 @@ def _check_eval(cfg: Config) -> None:
         )
     if m.norm and m.norm not in NORMS[m.name]:
         raise ConfigError(f"model.norm={m.norm} is not one of: {', '.join(NORMS[m.name])}")
+    if m.norm == "sync_batch" and not get_spec(cfg.strategy.name).syncs_batchnorm:
+        users = [n for n, sp in STRATEGIES.items() if sp.syncs_batchnorm]
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} does not synchronise BatchNorm over its ranks (model.norm=sync_batch);"
+            f" use model.norm=group, or one of: {', '.join(users)}"
+        )
 
 
 def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:

@@ -22,10 +22,16 @@ def wrap_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Distri
     )
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+def ddp_parallelized(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, **extra) -> Parallelized:
+    """What every strategy that trains through DDP hands the loop (ddp, zero1)."""
     ddp = wrap_ddp(model, mesh, ctx)
     return Parallelized(
         model=model,
         forward_backward=module_forward_backward(ddp, ctx, ddp.no_sync),
         replay_on_resume=True,
+        **extra,
     )
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    return ddp_parallelized(model, mesh, ctx)

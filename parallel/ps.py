@@ -23,6 +23,7 @@ import torch.distributed.rpc as rpc
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from experiments.config import Config, ConfigError
 from parallel.base import Engine, Parallelized, StrategyContext, module_forward_backward
 
 SERVER = "ps0"
@@ -111,6 +112,16 @@ def _init_rpc(rank: int, world: int) -> None:
         world_size=world,
         rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port[0]}"),
     )
+
+
+def check(cfg: Config) -> None:
+    """What the parameter server does not do, before any process starts."""
+    if cfg.train.grad_clip > 0:
+        # The server steps the averaged gradients as they come; it has no clipping of its own.
+        raise ConfigError(
+            f"strategy=ps does not clip gradients (train.grad_clip={cfg.train.grad_clip}); "
+            "set train.grad_clip=0, or use strategy=ddp"
+        )
 
 
 def apply_ps(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:

@@ -30,6 +30,7 @@ from parallel.fsdp import apply_fsdp
 from parallel.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
 from parallel.pipeline import apply_pipeline
 from parallel.ps import apply_ps
+from parallel.ps import check as check_ps
 from parallel.single import apply_single
 from parallel.tensor import apply_tp
 from parallel.zero import apply_zero1
@@ -61,6 +62,10 @@ class StrategySpec:
     label: Callable[[StrategyConfig], str] | None = None
     # Its own rules, checked with the others before any process starts (raises ConfigError).
     check: Callable[[Config], None] | None = None
+    # Trains through DistributedDataParallel (reads strategy.bucket_cap_mb, gradient_as_bucket_view).
+    wraps_ddp: bool = False
+    # model.norm=sync_batch means BatchNorm statistics over all of its data-parallel ranks.
+    syncs_batchnorm: bool = False
 
     def record_name(self, s: StrategyConfig) -> str:
         return self.label(s) if self.label is not None else s.name
@@ -75,18 +80,35 @@ class StrategySpec:
 
 TP = frozenset({"tp"})
 PP = frozenset({"pp"})
-_FSDP = dict(fill="dp_shard", stage="fsdp", comm=fsdp_comm)
+_FSDP = dict(fill="dp_shard", stage="fsdp", comm=fsdp_comm, syncs_batchnorm=True)
 STRATEGIES: dict[str, StrategySpec] = {
     REFERENCE: StrategySpec(
-        apply_single, None, stage="dp", comm=no_comm, shards="nothing: the reference run"
+        apply_single,
+        None,
+        stage="dp",
+        comm=no_comm,
+        syncs_batchnorm=True,
+        shards="nothing: the reference run",
     ),
     # DataParallel copies through torch.cuda.comm, never c10d: no process-group traffic at all.
     "dp": StrategySpec(apply_dp, None, stage="dp", comm=no_comm, shards="the batch over GPUs in one process"),
     "ddp": StrategySpec(
-        apply_ddp, "dp_replicate", stage="dp", comm=ddp_comm, shards="the batch; grads all-reduced"
+        apply_ddp,
+        "dp_replicate",
+        stage="dp",
+        comm=ddp_comm,
+        wraps_ddp=True,
+        syncs_batchnorm=True,
+        shards="the batch; grads all-reduced",
     ),
     "zero1": StrategySpec(
-        apply_zero1, "dp_replicate", stage="os", comm=zero1_comm, shards="the batch + optimizer state"
+        apply_zero1,
+        "dp_replicate",
+        stage="os",
+        comm=zero1_comm,
+        wraps_ddp=True,
+        syncs_batchnorm=True,
+        shards="the batch + optimizer state",
     ),
     "fsdp": StrategySpec(apply_fsdp, **_FSDP, shards="the batch + optimizer state, grads, params"),
     "zero2": StrategySpec(
@@ -107,7 +129,10 @@ STRATEGIES: dict[str, StrategySpec] = {
     ),
     # RPC, not c10d, carries its gradients: paralab's counter sees none of it (no prediction).
     "ps": StrategySpec(
-        apply_ps, "dp_replicate", shards="the batch; grads to a parameter server on rank 0 (RPC)"
+        apply_ps,
+        "dp_replicate",
+        check=check_ps,
+        shards="the batch; grads to a parameter server on rank 0 (RPC)",
     ),
     "tp": StrategySpec(apply_tp, "tp", needs_tp_plan=True, comm=tp_comm, shards="each layer's weights"),
     "pp": StrategySpec(
@@ -130,7 +155,13 @@ STRATEGIES: dict[str, StrategySpec] = {
         shards="batch × FSDP, weights × TP",
     ),
     "ddp_pp": StrategySpec(
-        apply_ddp_pp, "dp_replicate", PP, pipelined=True, comm=ddp_pp_comm, shards="batch × DDP, layers × PP"
+        apply_ddp_pp,
+        "dp_replicate",
+        PP,
+        pipelined=True,
+        comm=ddp_pp_comm,
+        wraps_ddp=True,
+        shards="batch × DDP, layers × PP",
     ),
     "fsdp_tp_pp": StrategySpec(
         apply_fsdp_tp_pp,

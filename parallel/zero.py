@@ -8,12 +8,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from experiments.optim import OptimizerSpec
-from parallel.base import Parallelized, StrategyContext, module_forward_backward
-from parallel.ddp import wrap_ddp
+from parallel.base import Parallelized, StrategyContext
+from parallel.ddp import ddp_parallelized
 
 
 def apply_zero1(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    ddp = wrap_ddp(model, mesh, ctx)
     group = mesh["dp_replicate"].get_group()
 
     def make_optimizer(module: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -23,8 +22,4 @@ def apply_zero1(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Par
             module.parameters(), optimizer_class=spec.cls, process_group=group, **spec.kwargs
         )
 
-    return Parallelized(
-        model=model,
-        forward_backward=module_forward_backward(ddp, ctx, ddp.no_sync),
-        make_optimizer=make_optimizer,
-    )
+    return ddp_parallelized(model, mesh, ctx, make_optimizer=make_optimizer)

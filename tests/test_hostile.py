@@ -74,6 +74,10 @@ TABLE = [
     Bad(
         ("strategy=single", "launcher=local", "strategy.gradient_as_bucket_view=true"), "strategy.gradient_as"
     ),
+    Bad(("strategy=ps", "strategy.bucket_cap_mb=10"), "strategy.bucket_cap_mb"),
+    Bad(("strategy=ps", "train.grad_clip=1"), "train.grad_clip"),
+    Bad(("strategy=ps", "model=cnn", "model.norm=sync_batch"), "model.norm=sync_batch"),
+    Bad(("strategy=pp", "model=cnn", "model.norm=sync_batch"), "model.norm=sync_batch"),
     # data that cannot work
     Bad(("dataset=cifar10", "model=cnn", "dataset.input_shape=[3,64,64]"), "dataset.input_shape"),
     # resources: ranks vs memory, model state vs memory
@@ -159,11 +163,15 @@ def test_data_that_cannot_work_is_rejected_before_launch(monkeypatch, capfd, tmp
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("x" * 100)
+    # One batch of windows (64 × 32 + 1 bytes), but not once the last tenth is held out.
+    no_tail = tmp_path / "no_tail.txt"
+    no_tail.write_text("x" * (64 * 32 + 1))
     cifar = _cifar(tmp_path / "cifar")  # exists, but fails the published checksums
     mnist = _mnist(tmp_path / "mnist", truncate=True)
     for args, names in [
         ((*GPT, f"dataset.text_file={empty}"), "holds 0 bytes"),
         ((*GPT, f"dataset.text_file={short}"), "holds 100 bytes"),
+        ((*GPT, f"dataset.text_file={no_tail}"), "holds 2049 bytes: 57 training windows"),
         (("dataset=cifar10", "model=cnn", f"dataset.root={cifar}"), "data_batch_1 fails its published MD5"),
         (("dataset=mnist", "model=cnn", f"dataset.root={mnist}"), "truncated or corrupt"),
     ]:
@@ -266,7 +274,13 @@ def _run(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[int, list[st
     return code, [ln for ln in err.splitlines() if ln.strip()], left
 
 
-@pytest.mark.parametrize("launcher", [["launcher.nproc_per_node=1"], ["strategy=single", "launcher=local"]])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(["launcher.nproc_per_node=1"], marks=pytest.mark.full),
+        ["strategy=single", "launcher=local"],
+    ],
+)
 def test_a_corrupt_file_found_by_the_ranks_is_one_line_and_exit_1(tmp_path, launcher):
     # With checksums off nothing checks the files before launch: the ranks find the bad one.
     root = _cifar(tmp_path / "cifar", corrupt="data_batch_3")

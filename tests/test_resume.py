@@ -46,8 +46,10 @@ G = tuple(GPT)
 MATRIX = [
     Case("single", 1),
     # DDP at 4 ranks: at 2, a changed bucket layout cannot change a sum of two (see replay_on_resume).
-    Case("ddp", 4),
-    *(Case(s, 2) for s in ("zero1", "zero2", "zero3", "tp", "mp")),
+    *(Case(s, 4) for s in ("ddp", "zero1")),
+    *(Case(s, 2) for s in ("zero3", "tp")),
+    # The same machinery as zero3 (FSDP2) and pp (pipelining), for make test-full's budget.
+    *(pytest.param(Case(s, 2), marks=pytest.mark.full) for s in ("zero2", "mp")),
     Case("pp", 2, G),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),

@@ -176,6 +176,7 @@ def test_slurm_sweep_submits_one_job_per_sweep_job_sized_from_the_launcher(tmp_p
     assert "srun" in script and "submitit" in script
 
 
+@pytest.mark.full  # ~14 s here: two jobs, each through submitit and torch's agent
 def test_submitit_local_sweep_trains_every_job_and_returns_its_objective(tmp_path):
     """The submitit launcher end to end on this machine: each job runs torch's agent in its own
     submitit job, writes its job dir, and hands its objective (train.objective) back to the sweeper."""
