@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError
+from experiments.ranges import has_control_char
 
 HYDRA_SUBDIR = ".hydra"
 HYDRA_LOG = "train.log"  # Hydra's job log, named after the script; paralab's ranks append to it too
@@ -65,7 +66,7 @@ class JobDirGuard(Callback):
 
 def check_name(job_dir: Path) -> None:
     """A newline in the job dir would be a line of its own in logs and in the scripts that carry it."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(job_dir)):
+    if has_control_char(str(job_dir)):
         raise ConfigError(
             f"hydra.run.dir / hydra.sweep.dir {str(job_dir)!r} holds a control character; remove it"
         )

@@ -91,12 +91,16 @@ def leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def has_control_char(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def check_ranges(cfg: Config) -> None:
     values = dict(leaves(cfg))
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
-        if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        if isinstance(value, str) and has_control_char(value):
             # A newline would start a line of its own in logs and in any script that carries it.
             raise ConfigError(f"{key}={value!r} holds a control character (a newline?); remove it")
     for key, bound in BOUNDS.items():

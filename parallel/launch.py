@@ -25,10 +25,10 @@ from experiments.config import ConfigError, LauncherConfig
 LAUNCHERS = ("local", "spawn", "torchrun")
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on now; every job gets its own rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

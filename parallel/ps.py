@@ -14,7 +14,6 @@ RPC traffic does not pass through c10d, so paralab's communication counter does 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 
 import torch
@@ -25,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from experiments.config import Config, ConfigError
 from parallel.base import Engine, Parallelized, StrategyContext, module_forward_backward
+from parallel.launch import free_port
 
 SERVER = "ps0"
 
@@ -96,15 +96,9 @@ class ParameterServerEngine(Engine):
         rpc.shutdown()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _init_rpc(rank: int, world: int) -> None:
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = [_free_port(host) if rank == 0 else 0]
+    port = [free_port(host) if rank == 0 else 0]
     dist.broadcast_object_list(port, src=0)
     rpc.init_rpc(
         f"ps{rank}",
