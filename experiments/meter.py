@@ -397,10 +397,11 @@ class Meter:
         }
 
     def stop(self) -> float:
-        """Wall time of the loop, from the first step to the last (setup, checkpoint saves and
-        teardown excluded: a save's cost depends on the disk, not on the strategy)."""
+        """Wall time of the training loop, from the first step to the last. Setup, teardown,
+        checkpoint saves (their cost is the disk's) and evaluations (recorded with each one) are
+        left out: they are not what a strategy's training costs."""
         sync(self.device)
-        self.wall = time.perf_counter() - self.wall0 - self.checkpoint_s
+        self.wall = time.perf_counter() - self.wall0 - self.checkpoint_s - self.eval_s
         return self.wall
 
     def steady_step_time(self) -> float:

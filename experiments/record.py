@@ -105,7 +105,7 @@ class RunRecord:
     step_time_s: float
     samples_per_s: float
     tokens_per_s: float | None
-    wall_s: float  # the training loop's, without checkpoint saves (checkpoint_s)
+    wall_s: float  # the training loop's, without checkpoint saves (checkpoint_s) and evaluations
     theory: dict[str, float]
     # One entry per rank: its last sampled step's measurements, its own predictions, its bubble.
     ranks: list[dict[str, Any]]
