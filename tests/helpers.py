@@ -65,3 +65,28 @@ def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def start_agents(job_dirs: list[Path], *overrides: str) -> list[subprocess.Popen]:
+    """One torchrun agent per "node" on this machine (node 1 first), 2 ranks each, one rendezvous."""
+    from parallel.launch import free_port
+
+    endpoint = f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"
+    common = ["strategy=ddp", "launcher.nnodes=2", endpoint, *TINY, *overrides]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "train.py"),
+                *common,
+                f"launcher.node_rank={n}",
+                f"hydra.run.dir={job_dirs[n]}",
+            ],
+            cwd=REPO,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 0)
+    ][::-1]

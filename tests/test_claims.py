@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from experiments.config import DatasetConfig, LauncherConfig, ModelConfig, StrategyConfig, TrainConfig
 from experiments.parity import compose_config, run_case
 from parallel.deepspeed import installed as deepspeed_installed
-from tests.helpers import REPO, TINY, child_env, run, tb_scalars
+from tests.helpers import REPO, TINY, child_env, run, start_agents, tb_scalars
 
 GROUPS = {
     "strategy": StrategyConfig,
@@ -379,31 +379,8 @@ def test_two_torchrun_agents_form_one_four_rank_job(jobs, tmp_path):
 
     With the c10d rendezvous, global ranks follow the order in which agents join, not
     launcher.node_rank: either agent may hold rank 0 (and write metrics.json)."""
-    from parallel.launch import free_port
-
     job = tmp_path / "job"
-    common = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "strategy=ddp",
-        "launcher=torchrun",
-        "launcher.nnodes=2",
-        "launcher.nproc_per_node=2",
-        f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}",
-        f"hydra.run.dir={job}",
-        *TINY,
-    ]
-    agents = [
-        subprocess.Popen(
-            [*common, f"launcher.node_rank={n}"],
-            cwd=REPO,
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for n in (0, 1)
-    ]
+    agents = start_agents([job, job])
     outputs = wait_all_or_stop(agents, timeout=240)
     for n, (a, (out, err)) in enumerate(zip(agents, outputs, strict=True)):
         assert a.returncode == 0, f"agent node_rank={n} exited {a.returncode}:\n{out[-2000:]}\n{err[-4000:]}"

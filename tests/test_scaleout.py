@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from experiments.config import ConfigError
 from experiments.nodes import node_problem
 from experiments.parity import compose_config
-from tests.helpers import REPO, TINY, child_env, run
+from tests.helpers import REPO, TINY, child_env, run, start_agents
 
 
 def _plain(*overrides: str) -> dict:
@@ -53,31 +53,6 @@ def test_a_node_in_another_job_dir_is_named(tmp_path):
 def test_a_node_started_with_other_overrides_names_the_key(tmp_path):
     problem = node_problem(2, "node1", tmp_path, _plain("train.lr=0.2"), _rank0(tmp_path, _plain()))
     assert "train.lr=0.2" in problem and "train.lr=0.1" in problem and "same overrides" in problem
-
-
-def start_agents(job_dirs: list[Path], *overrides: str) -> list[subprocess.Popen]:
-    """One torchrun agent per "node" on this machine (node 1 first), 2 ranks each, one rendezvous."""
-    from parallel.launch import free_port
-
-    endpoint = f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"
-    common = ["strategy=ddp", "launcher.nnodes=2", endpoint, *TINY, *overrides]
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "train.py"),
-                *common,
-                f"launcher.node_rank={n}",
-                f"hydra.run.dir={job_dirs[n]}",
-            ],
-            cwd=REPO,
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for n in (1, 0)
-    ][::-1]
 
 
 def finish(agents: list[subprocess.Popen]) -> list[str]:
