@@ -139,10 +139,10 @@ def _splits(p: Tensor) -> Iterable[tuple[str, int, int]]:
             yield (names[i] if i < len(names) else str(i)), placement.dim, p.device_mesh.size(i)  # type: ignore[attr-defined]
 
 
-def tp_local_shapes(model: nn.Module) -> tuple[tuple[int, ...], ...]:
-    """This rank's parameter shapes as tensor parallelism leaves them (before any FSDP sharding)."""
+def tp_local_shapes(params: Iterable[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """These parameters' shapes on this rank as tensor parallelism leaves them (before any FSDP sharding)."""
     shapes = []
-    for p in model.parameters():
+    for p in params:
         shape = list(p.shape)
         for mesh_dim, dim, ways in _splits(p):
             if mesh_dim == "tp":

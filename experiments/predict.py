@@ -2,10 +2,11 @@
 
 Two memory predictions are logged: `theory/paper_*` is the ZeRO paper's formula with this run's
 sizes; `theory/*` is what torch's implementation of the strategy must hold, which differs from the
-paper in two known, stated ways: FSDP2 in ZeRO-2 mode keeps each parameter's shard beside the
+paper in three known, stated ways: FSDP2 in ZeRO-2 mode keeps each parameter's shard beside the
 gathered copy (in the paper's mixed-precision accounting that shard is the fp32 master copy inside
-K; its fp32 formula has no master copy), and ZeroRedundancyOptimizer assigns whole parameters to
-ranks rather than an even split. Elsewhere the two agree exactly.
+K; its fp32 formula has no master copy), FSDP2 in ZeRO-3 mode keeps the root's own parameters
+(stem, head) gathered from forward into backward, and ZeroRedundancyOptimizer assigns whole
+parameters to ranks rather than an even split. Elsewhere the two agree exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ModelSizes:
     # how many blocks it holds: what FSDP shards and gathers, group by group.
     local_shapes: tuple[tuple[int, ...], ...] = ()
     blocks_here: int = 0
+    # Those of local_shapes outside the blocks (stem, head, final norm): FSDP's root group.
+    root_shapes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def local_psi(self) -> int:
@@ -43,9 +46,14 @@ class ModelSizes:
 
     def padded_psi(self, n: int) -> int:
         """Elements FSDP2 moves: each local parameter's dim 0 padded up to a multiple of n ranks."""
-        if not self.local_shapes:
-            return self.psi
-        return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in self.local_shapes)
+        return padded(self.local_shapes, n) if self.local_shapes else self.psi
+
+    def padded_root(self, n: int) -> int:
+        return padded(self.root_shapes, n)
+
+
+def padded(shapes: tuple[tuple[int, ...], ...], n: int) -> int:
+    return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in shapes)
 
 
 @dataclass(frozen=True)
@@ -87,8 +95,10 @@ def memory(stage: str | None, x: Setting, engine: str = "torch") -> dict[str, fl
         owned = psi if m.assigned_psi is None else m.assigned_psi
         cats = {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * owned}
     else:
-        # ZeRO-2 holds every gathered parameter from forward into backward; ZeRO-3 none.
-        gathered = psi if stage == "os+g" else 0
+        # ZeRO-2 holds every gathered parameter from forward into backward; ZeRO-3 only the
+        # root's own (FSDP2 keeps them for the backward that starts with them). Gathered copies
+        # live in FSDP2's padded all-gather buffers.
+        gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
         cats = {
             "params": b * psi / n,
             "params_gathered": b * gathered,
@@ -142,16 +152,17 @@ def zero1_comm(x: Setting) -> Payload:
 
 
 def fsdp_comm(x: Setting) -> Payload:
-    # Forward gathers every parameter on each micro-step; ZeRO-3 gathers them again for backward
-    # (ZeRO §7). Gradients are reduce-scattered once per step. One collective per FSDP group (each
-    # block, and the root's own parameters); FSDP2 pads each local dim 0 to the group size.
+    # Forward gathers every parameter on each micro-step; ZeRO-3 gathers the blocks again for
+    # backward (ZeRO §7), but not the root's own parameters, which stay gathered into the backward
+    # that starts with them. Gradients are reduce-scattered once per step. One collective per FSDP
+    # group (each block, and the root); FSDP2 pads each local dim 0 to the group size.
     n, b, a = x.degrees.dp_shard, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
-    padded = x.sizes.padded_psi(n)
+    total, root = x.sizes.padded_psi(n), x.sizes.padded_root(n)
     gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
     groups = x.sizes.blocks_here + 1
     return {
-        "all_gather": (b * a * gathers * padded, n, groups * a * gathers),
-        "reduce_scatter": (b * padded, n, groups),
+        "all_gather": (b * a * (gathers * (total - root) + root), n, a * (gathers * (groups - 1) + 1)),
+        "reduce_scatter": (b * total, n, groups),
     }
 
 

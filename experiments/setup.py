@@ -106,12 +106,14 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
     blocks = getattr(par.model, "blocks", None)
+    in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
     sizes = ModelSizes(
         psi,
         elem,
         assigned_psi=owned_psi,
-        local_shapes=tp_local_shapes(par.model),
+        local_shapes=tp_local_shapes(par.model.parameters()),
         blocks_here=len(blocks) if blocks is not None else 0,
+        root_shapes=tp_local_shapes(p for p in par.model.parameters() if id(p) not in in_blocks),
     )
     pp_rank = mesh["pp"].get_local_rank()
     theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))

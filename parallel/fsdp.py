@@ -21,14 +21,16 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
     sync_batchnorm(model, dp_mesh.get_group(), ctx)
     kwargs = {
         "mesh": dp_mesh,
-        "reshard_after_forward": s.reshard_after_forward,
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=DTYPES[s.mp_param_dtype], reduce_dtype=DTYPES[s.mp_reduce_dtype]
         ),
     }
     for block in model.blocks.values():
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block, reshard_after_forward=s.reshard_after_forward, **kwargs)
+    # The root's own parameters (stem, head) stay gathered from forward into backward, as FSDP2
+    # does by default: backward starts with the head, so resharding it would cost one more
+    # all-gather per step for nothing (predict.fsdp_comm counts it so).
+    fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
