@@ -60,9 +60,13 @@ class GradNorm:
         self.groups = [(1.0 / h, ps) for h, ps in sorted(groups.items())]
         self.zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
 
+    # Under no_grad, DTensor.to_local is an attribute read; with grad mode on it is an autograd
+    # Function call per parameter per step.
+    @torch.no_grad()
     def local_grads(self) -> list[Tensor]:
         return [_local(p.grad) for _, ps in self.groups for p in ps if p.grad is not None]
 
+    @torch.no_grad()
     def local_sq(self) -> Tensor:
         """This rank's share of the squared global norm, on the device (no sync)."""
         total: Tensor | None = None
