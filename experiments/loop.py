@@ -24,6 +24,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     t, state, meter = cfg.train, run.state, run.meter
     stopped = False
     try:
+        meter.start()
         for step in range(state.step + 1, t.steps + 1):
             probe = meter.begin(step)
             result = train_step(

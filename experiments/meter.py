@@ -164,7 +164,7 @@ class Meter:
         self.last_sample: dict[str, float] = {}
         self.bubble_sum = 0.0
         self.bubble_n = 0
-        self.wall0 = time.perf_counter()
+        self.wall0 = time.perf_counter()  # set again by start(), when the loop begins
         self.checkpoint_s = 0.0  # saves inside the loop: reported apart, not in the loop's wall time
         self.samples_taken = 0
         self.last_comm: dict[str, float] = {}
@@ -192,6 +192,13 @@ class Meter:
     def clean(self, step: int) -> bool:
         # The first step of a run (or of a resumed run) pays for lazy init and warm-up.
         return step > self.first_step and step != self.cold_step and not self.sampled(step)
+
+    def start(self) -> None:
+        """The loop's clock starts here, with every rank: the first step must not time another
+        rank's setup (building the held-out set, say) as its own wait in the first collective."""
+        if self.env.world_size > 1:
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.wall0 = time.perf_counter()
 
     # ---- around each step ----
     def begin(self, step: int) -> Callable[[], None] | None:
