@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import shutil
 import statistics
 import sys
@@ -37,10 +38,11 @@ from data import build_dataset, dataset_spec
 from experiments.config import Config
 from experiments.distenv import rank_env, set_threads
 from experiments.log import setup_rank_logging
-from experiments.loop import train
+from experiments.loop import metered_step, train
 from experiments.meter import timing_check
 from experiments.parity import compose_config
 from experiments.record import RunRecord
+from experiments.setup import setup
 from experiments.validate import validate
 from models import build_model
 
@@ -56,52 +58,65 @@ def fresh_model(cfg: Config) -> nn.Module:
     return build_model(cfg.model, dataset_spec(cfg.dataset))
 
 
-def timed_loop(model: nn.Module, cfg: Config, dp_rank: int, dp_size: int) -> float:
+class HandLoop:
     """Forward, cross-entropy, backward, SGD step; this rank's slice of a shuffled global batch."""
-    t = cfg.train
-    x_all, y_all = build_dataset(cfg.dataset, cfg.seed).tensors  # type: ignore[attr-defined]
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    batch, local = t.global_batch_size, t.global_batch_size // dp_size
-    per_epoch = len(x_all) // batch
-    order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(cfg.seed))
-    dist.barrier()
-    t0 = time.perf_counter()
-    for step in range(t.steps):
-        start = (step % per_epoch) * batch + dp_rank * local
-        idx = order[start : start + local]
-        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+
+    def __init__(self, model: nn.Module, cfg: Config, dp_rank: int, dp_size: int) -> None:
+        t = cfg.train
+        self.model, self.steps = model, t.steps
+        self.x, self.y = build_dataset(cfg.dataset, cfg.seed).tensors  # type: ignore[attr-defined]
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+        )
+        self.batch, self.local = t.global_batch_size, t.global_batch_size // dp_size
+        self.offset = dp_rank * self.local
+        self.per_epoch = len(self.x) // self.batch
+        self.order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(cfg.seed))
+        self.done = 0
+
+    def step(self) -> None:
+        start = (self.done % self.per_epoch) * self.batch + self.offset
+        idx = self.order[start : start + self.local]
+        loss = F.cross_entropy(self.model(self.x[idx]), self.y[idx])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return time.perf_counter() - t0
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.done += 1
+
+    def timed(self) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(self.steps):
+            self.step()
+        return time.perf_counter() - t0
 
 
-def hand_ddp(cfg: Config, mesh: DeviceMesh) -> float:
+def hand_ddp(cfg: Config, mesh: DeviceMesh) -> HandLoop:
     """DistributedDataParallel: a replica per rank, each on its half of the batch."""
     model = DistributedDataParallel(fresh_model(cfg))
-    return timed_loop(model, cfg, mesh.get_local_rank(), mesh.size())
+    return HandLoop(model, cfg, mesh.get_local_rank(), mesh.size())
 
 
-def hand_fsdp(cfg: Config, mesh: DeviceMesh) -> float:
-    """FSDP2: fully_shard each block, then the root (resharding after forward, the default)."""
+def hand_fsdp(cfg: Config, mesh: DeviceMesh) -> HandLoop:
+    """FSDP2: fully_shard each block, then the root (with fully_shard's defaults)."""
     model = fresh_model(cfg)
     for block in model.blocks.values():  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return timed_loop(model, cfg, mesh.get_local_rank(), mesh.size())
+    return HandLoop(model, cfg, mesh.get_local_rank(), mesh.size())
 
 
-def hand_tp(cfg: Config, mesh: DeviceMesh) -> float:
+def hand_tp(cfg: Config, mesh: DeviceMesh) -> HandLoop:
     """Tensor parallel with the model's own plan on each block; every rank sees the whole batch."""
     model = fresh_model(cfg)
     plan = model.tp_plan(False)  # type: ignore[operator]
     for block in model.blocks.values():  # type: ignore[union-attr]
         parallelize_module(block, mesh, plan)
-    return timed_loop(model, cfg, 0, 1)
+    return HandLoop(model, cfg, 0, 1)
 
 
 # paralab's strategy=<name> and the hand-written loop it is measured against.
-STRATEGIES: dict[str, Callable[[Config, DeviceMesh], float]] = {
+STRATEGIES: dict[str, Callable[[Config, DeviceMesh], HandLoop]] = {
     "ddp": hand_ddp,
     "fsdp": hand_fsdp,
     "tp": hand_tp,
@@ -113,6 +128,7 @@ class Size:
     overrides: tuple[str, ...]
     steps: int
     target: float  # the hand/paralab throughput ratio paralab aims for at this size
+    chunk: int  # steps per chunk of the steady-state comparison
 
 
 SIZES: dict[str, Size] = {
@@ -121,12 +137,14 @@ SIZES: dict[str, Size] = {
         ("model.hidden=64", "model.layers=4", "dataset.input_shape=[32]", "train.global_batch_size=64"),
         steps=600,
         target=0.95,
+        chunk=50,
     ),
     # ~0.1 s steps on a 2-core CPU box (one loop ~2-4 s): the overhead should vanish.
     "compute": Size(
         ("model.hidden=512", "model.layers=4", "dataset.input_shape=[256]", "train.global_batch_size=256"),
         steps=25,
         target=0.99,
+        chunk=3,
     ),
 }
 
@@ -140,6 +158,52 @@ def paralab_loop(cfg: Config, job: Path, log) -> float:
     dist.barrier()
     train(cfg, rank_env(), DEVICE, job, log)
     return RunRecord.read(job).wall_s if dist.get_rank() == 0 else 0.0
+
+
+def steady_ratios(cfg: Config, mesh: DeviceMesh, job: Path, log, chunks: int, chunk: int) -> list[float]:
+    """hand/paralab per step, in one process: paralab's loop body (a step under the Meter, with its
+    log and sampled steps as shipped) against the hand loop's step, in alternating chunks.
+
+    The whole-run ratio also carries what differs from run to run (process and allocator state,
+    a rank's start): on a shared 2-core machine that moves it by a few percent. Here both loops
+    are built once and warm, so what is left is what paralab adds to each step.
+    """
+    hand = STRATEGIES[cfg.strategy.name](cfg, mesh)
+    endless = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=10**9))
+    job.mkdir(parents=True, exist_ok=True)
+    run = setup(endless, rank_env(), DEVICE, job, log)
+    step = 0
+
+    def paralab_chunk() -> None:
+        nonlocal step
+        for _ in range(chunk):
+            step += 1
+            metered_step(run, step)
+
+    def hand_chunk() -> None:
+        for _ in range(chunk):
+            hand.step()
+
+    try:
+        run.meter.start()
+        paralab_chunk()  # warm-up: lazy init, DDP's bucket rebuild, first sample
+        hand_chunk()
+        ratios = []
+        for i in range(chunks):
+            seconds = {}
+            for name, body in sorted(
+                {"paralab": paralab_chunk, "hand": hand_chunk}.items(), reverse=i % 2 == 1
+            ):
+                dist.barrier()
+                t0 = time.perf_counter()
+                body()
+                seconds[name] = rank0(time.perf_counter() - t0)
+            ratios.append(seconds["hand"] / seconds["paralab"])
+        return ratios
+    finally:
+        run.sink.close()
+        if run.par.engine is not None:
+            run.par.engine.close()
 
 
 def case_configs(strategy: str, size: Size, steps: int, extra: list[str]) -> tuple[Config, Config]:
@@ -171,7 +235,7 @@ def rank0(value: float) -> float:
 VARIANTS = ("paralab", "unsampled", "hand")
 HEADER = (
     f"{'strategy':<8} {'size':<8} {'steps':>5}  {'paralab s':>9} {'unsampled s':>11} {'hand s':>8}"
-    f"  {'hand/paralab':>12} {'target':>7}        {'sampling':>8}"
+    f"  {'hand/paralab':>12} {'steady':>6} {'target':>7}        {'sampling':>8}"
 )
 
 
@@ -181,15 +245,18 @@ def paired(walls: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(walls[a], walls[b], strict=True))
 
 
-def row(strategy: str, size_name: str, size: Size, steps: int, walls: dict[str, list[float]]) -> str:
+def row(
+    strategy: str, size_name: str, size: Size, steps: int, walls: dict[str, list[float]], steady: list[float]
+) -> str:
     med = {v: statistics.median(w) for v, w in walls.items()}
     ratio = paired(walls, "hand", "paralab")
+    per_step = statistics.median(steady)
     overhead = 100 * (paired(walls, "paralab", "unsampled") - 1)
     verdict = "met" if ratio >= size.target else "below"
     return (
         f"{strategy:<8} {size_name:<8} {steps:>5}  {med['paralab']:>9.3f} {med['unsampled']:>11.3f}"
-        f" {med['hand']:>8.3f}  {ratio:>12.3f} {'>= ' + format(size.target, '.2f'):>7} {verdict:<6}"
-        f" {overhead:>+7.1f}%"
+        f" {med['hand']:>8.3f}  {ratio:>12.3f} {per_step:>6.3f} {'>= ' + format(size.target, '.2f'):>7}"
+        f" {verdict:<6} {overhead:>+7.1f}%"
     )
 
 
@@ -237,8 +304,9 @@ def main(argv: list[str]) -> int:
                         f"world={world} threads/rank={torch.get_num_threads()} repeats={args.repeats}: "
                         "median loop wall times (setup excluded)\n"
                         "hand/paralab = paralab's throughput relative to hand-written, the median of each "
-                        "repeat's ratio (targets shown, never enforced); sampling = cost of measure_every=50 "
-                        "over 0, paired the same way"
+                        "repeat's ratio (targets shown, never enforced); steady = the same per step, built once, "
+                        "in alternating chunks (see steady_ratios); sampling = cost of measure_every=50 over 0, "
+                        "paired as hand/paralab"
                     )
                     if not meaningful:
                         print(f"warning: {note}")
@@ -247,16 +315,23 @@ def main(argv: list[str]) -> int:
             runs: dict[str, Callable[[Path], float]] = {
                 "paralab": lambda job, c=shipped: paralab_loop(c, job, log),
                 "unsampled": lambda job, c=unsampled: paralab_loop(c, job, log),
-                "hand": lambda job, c=shipped, s=strategy: STRATEGIES[s](c, mesh),
+                "hand": lambda job, c=shipped, s=strategy: STRATEGIES[s](c, mesh).timed(),
             }
             walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(args.repeats):
                 # Interleaved, and each repeat starts at a different variant: drift in machine load
                 # and position in the sequence hit all three alike.
                 for v in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
+                    # What the previous variant left in reference cycles (its model, optimizer,
+                    # meter) is freed now, not by a collection in the middle of the next one.
+                    gc.collect()
                     walls[v].append(rank0(runs[v](root / f"{strategy}-{size_name}-{v}-{r}")))
+            gc.collect()
+            steady = steady_ratios(
+                shipped, mesh, root / f"{strategy}-{size_name}-steady", log, 4 * args.repeats, size.chunk
+            )
             if rank == 0:
-                print(row(strategy, size_name, size, steps, walls), flush=True)
+                print(row(strategy, size_name, size, steps, walls, steady), flush=True)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)

@@ -19,6 +19,16 @@ from experiments.setup import Run, setup
 from experiments.step import train_step
 
 
+def metered_step(run: Run, step: int) -> bool:
+    """One optimizer step under the Meter; True on a log step where the ranks agreed to stop."""
+    t = run.cfg.train
+    probe = run.meter.begin(step)
+    result = train_step(
+        run.par, run.state, run.batches, run.norm, t.grad_accum_steps, t.grad_clip, run.device, probe
+    )
+    return run.meter.end(step, result)
+
+
 def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: logging.Logger) -> float:
     run = setup(cfg, env, device, job_dir, log)
     t, state, meter = cfg.train, run.state, run.meter
@@ -26,11 +36,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     try:
         meter.start()
         for step in range(state.step + 1, t.steps + 1):
-            probe = meter.begin(step)
-            result = train_step(
-                run.par, state, run.batches, run.norm, t.grad_accum_steps, t.grad_clip, device, probe
-            )
-            stopped = meter.end(step, result)
+            stopped = metered_step(run, step)
             if run.evaluator is not None and run.evaluator.due(step) and not stopped:
                 meter.evaluate(step, run.evaluator.run)
             if stopped or meter.checkpoints(step):
