@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from experiments.config import Config
-from parallel.rendezvous import LOOPBACK_ENV, is_loopback, loopback_store
+from parallel.rendezvous import is_loopback, loopback_store, set_loopback_env
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,9 @@ def _attempt_store(timeout: timedelta | None) -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         if is_loopback(os.environ["MASTER_ADDR"]):
-            # One node: this job's store and gloo/NCCL sockets listen on loopback only.
-            os.environ.update({k: v for k, v in LOOPBACK_ENV.items() if k not in os.environ})
+            # One node: this job's store and gloo/NCCL sockets listen on loopback only. spawn's
+            # launcher sets nothing for its ranks; this must run before init_process_group makes gloo.
+            set_loopback_env()
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             port = int(os.environ["MASTER_PORT"])
             return loopback_store(port, world, rank == 0, timeout or timedelta(minutes=30))

@@ -72,8 +72,14 @@ BOUNDS: dict[str, Bound] = {
     "dataset.vocab_size": Bound(2),
     "dataset.seq_len": AT_LEAST_1,
     "dataset.num_workers": AT_LEAST_0,
+    "launcher.nproc_per_node": AT_LEAST_1,
+    "launcher.nnodes": AT_LEAST_1,
+    "launcher.node_rank": AT_LEAST_0,  # and < launcher.nnodes: parallel/launch.py:check_launcher
+    "launcher.max_restarts": AT_LEAST_0,
     "launcher.threads_per_rank": AT_LEAST_0,
+    "launcher.timeout_s": ABOVE_0,  # 0 would read as unset (torch's default) in init_distributed
     "launcher.join_timeout_s": ABOVE_0,
+    "launcher.grace_s": AT_LEAST_0,
     "launcher.gpus_per_node": Bound(-1),  # -1: one per rank
 }
 

@@ -25,6 +25,7 @@ from experiments.distenv import init_distributed, rank_env, select_device, set_t
 from experiments.log import LOG_FILE, file_logger, setup_rank_logging
 from experiments.loop import train
 from experiments.nodes import check_one_job
+from parallel.rendezvous import LOOPBACK
 
 JOB_DIR_KEY = "paralab/job_dir"
 
@@ -109,7 +110,7 @@ def spawn_entry(
 ) -> None:
     """torch.multiprocessing.spawn target: the env a launcher would set, in this child only."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
+        MASTER_ADDR=LOOPBACK,  # the ranks' store then binds loopback only (distenv._attempt_store)
         MASTER_PORT=str(port),
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from experiments.config import ConfigError, LauncherConfig
 
 LOOPBACK = "127.0.0.1"
-LOOPBACK_ENV = {
+# Read only through set_loopback_env: the launcher and the ranks must agree on it.
+_LOOPBACK_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
     "NCCL_SOCKET_IFNAME": "lo",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
@@ -46,11 +47,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def set_loopback_env() -> list[str]:
+    """Keep a single-node job's sockets on loopback, in this process and the ones it starts.
+
+    A value the user set is kept. Returns the names it added, for a caller that takes them back.
+    """
+    added = {k: v for k, v in _LOOPBACK_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    return list(added)
+
+
 @contextlib.contextmanager
 def loopback_only() -> Iterator[None]:
-    """Environment for a single-node job's launcher and ranks; a value the user set is kept."""
-    added = {k: v for k, v in LOOPBACK_ENV.items() if k not in os.environ}
-    os.environ.update(added)
+    """set_loopback_env for the launcher while it runs one job: the next job of a sweep may be multi-node."""
+    added = set_loopback_env()
     try:
         yield
     finally:

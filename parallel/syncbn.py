@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
@@ -20,9 +20,10 @@ from parallel.base import StrategyContext
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm's computation for CPU tensors (gloo), which torch's kernel and DDP refuse.
 
-    The statistics are summed over the group with torch.distributed.nn's differentiable
-    all-reduce, in two passes (the mean, then squared deviations from it) as a one-process
-    batch_norm computes them; backward sums each statistic's gradient over the group in turn.
+    The statistics are summed over the group with functional collectives' all_reduce, which is
+    differentiable (its backward all-reduces the gradient; torch.distributed.nn's is deprecated),
+    in two passes (the mean, then squared deviations from it) as a one-process batch_norm computes
+    them; backward sums each statistic's gradient over the group in turn.
     In eval mode it is plain BatchNorm on the running statistics, which every rank holds alike.
     """
 
@@ -51,10 +52,10 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.full((1,), x.numel() // x.size(1), dtype=x.dtype, device=x.device)
-        summed = dist_nn.all_reduce(torch.cat([x.sum(dims), count]), group=self.group)
+        summed = funcol.all_reduce(torch.cat([x.sum(dims), count]), "sum", self.group)
         n, mean = summed[-1], summed[:-1] / summed[-1]
         centered = x - mean.view(shape)
-        var = dist_nn.all_reduce(centered.square().sum(dims), group=self.group) / n
+        var = funcol.all_reduce(centered.square().sum(dims), "sum", self.group) / n
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)

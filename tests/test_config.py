@@ -49,7 +49,7 @@ def test_wrong_type_or_choice_fails_at_compose(override):
     ("overrides", "message"),
     [
         (["strategy=single"], "runs in one process"),
-        (["launcher.nproc_per_node=0"], "must both be >= 1"),
+        (["launcher.nproc_per_node=0"], "launcher.nproc_per_node=0 must be >= 1"),
         (["train.global_batch_size=15"], "not divisible"),
         (["train.global_batch_size=16", "train.grad_accum_steps=3"], "not divisible"),
         (["launcher=local", "launcher.nproc_per_node=2"], "launcher=local runs one process"),
