@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
 
 from experiments.theory import ring_bytes
 
@@ -209,22 +210,26 @@ class GatheredParams:
         self.model = model
         self.at_rest: set[int] = set()
         self.bytes = 0
-        self.armed = False
-        model.register_forward_hook(self._hook)
+        self.handle: RemovableHandle | None = None
 
     def arm(self, on: bool) -> None:
-        """Watch the next forward; what is stored at rest now (the shards) is not counted as gathered."""
-        self.armed = on
+        """Watch the next forward; what is stored at rest now (the shards) is not counted as gathered.
+
+        The hook exists only while armed: a module with a forward hook leaves nn.Module's fast
+        call path, which every other step would pay for."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
         if on:
             self.at_rest = {_local(p).untyped_storage().data_ptr() for p in self.model.parameters()}
+            self.handle = self.model.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
-        if self.armed:
-            seen = set(self.at_rest)
-            self.bytes = max(
-                self.bytes,
-                storage_bytes((p for p in module.parameters() if not isinstance(p, DTensor)), seen),
-            )
+        seen = set(self.at_rest)
+        self.bytes = max(
+            self.bytes,
+            storage_bytes((p for p in module.parameters() if not isinstance(p, DTensor)), seen),
+        )
 
 
 def cuda_devices(device: torch.device, devices_per_rank: int) -> list[int]:
