@@ -21,7 +21,7 @@ from experiments.nodes import PER_NODE, first_difference
 from experiments.record import METRICS_FILE, RunRecord
 from experiments.resources import check_resources
 from experiments.slurm import place_on_allocation, swept_keys_from_env, under_submitit
-from experiments.validate import validate
+from experiments.validate import check_auto_resume, validate
 from parallel.launch import launch
 from parallel.rendezvous import check_endpoint
 
@@ -148,6 +148,7 @@ def run_job(cfg: DictConfig) -> float | None:
         check_endpoint(typed.launcher)
         finished = check_rerun(cfg, job_dir)
         if finished is None:
+            check_auto_resume(typed, job_dir)
             check_resources(typed, degrees, job_dir)
         fetch(typed.dataset)
     except (ConfigError, DataUnavailable) as e:

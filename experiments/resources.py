@@ -1,9 +1,11 @@
 """Will the job fit this machine? Ranks vs devices and open files, predicted model state vs memory,
 checkpoints vs disk: checked before launch, and a refusal says what does fit.
 
-The model-state bytes are the theory's (ZeRO's formula for the strategy's stage, with this run's
-parameter count, counted on a meta-device model: nothing is allocated). Activations and torch's own
-buffers come on top, so a job that passes can still run out of memory; one that fails cannot run.
+The model-state bytes are the run-time theory's (experiments/predict.py's `memory`: what the
+strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
+parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
+bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations and torch's own buffers come on top, so a job that passes can still run
+out of memory; one that fails cannot run.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from experiments.config import Config, ConfigError
 from experiments.theory import Precision, zero_model_state_bytes
 from parallel.mesh import Degrees
+
+if TYPE_CHECKING:
+    from experiments.predict import ModelSizes
+    from models.staged import StagedModel
 
 GiB = 2**30
 # What one CPU rank holds before its model: the interpreter, torch, gloo (its own pages; a rank
@@ -48,23 +55,71 @@ def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
 
 
 def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
-    """ZeRO's model-state bytes (fp32 parameters, gradients, optimizer state) on one rank."""
-    from experiments.predict import optimizer_state_bytes_per_param
+    """Model-state bytes (parameters, gradients, optimizer state) on one rank; the fullest, where ranks differ."""
+    from data import dataset_spec
+    from experiments.predict import Setting, memory, optimizer_state_bytes_per_param
+    from experiments.record import Tag
     from parallel.registry import get_spec
 
-    psi = parameter_count(cfg) / (degrees.tp * degrees.pp)
-    stage = get_spec(cfg.strategy.name).zero_stage(cfg.strategy) or "dp"
+    spec = get_spec(cfg.strategy.name)
+    stage = spec.zero_stage(cfg.strategy)
+    model = _meta_model(cfg)
+    sizes = model_sizes(model, degrees.dp if stage == "os" else 1)
+    local_batch = cfg.train.global_batch_size // degrees.dp
+    x = Setting(cfg, degrees, sizes, local_batch, dataset_spec(cfg.dataset).seq_len)
+    theory = memory(stage, x, spec.engine)
+    if theory:
+        return theory[Tag.THEORY_MODEL_STATE]
+    # predict.memory makes no prediction under tensor or pipeline parallelism (a rank's share
+    # depends on the plan and the stage split), nor for strategies without a ZeRO stage (ps):
+    # the paper's fp32 formula on an even 1/(tp·pp) of the parameters, plain DP where no stage.
+    psi = sizes.psi / (degrees.tp * degrees.pp)
     k = optimizer_state_bytes_per_param(cfg)
-    return zero_model_state_bytes(stage, psi, degrees.dp, Precision(4, 4, k))
+    b = sizes.param_bytes
+    return zero_model_state_bytes(stage or "dp", psi, degrees.dp, Precision(b, b, k))
+
+
+def model_sizes(model: StagedModel, zero1_ranks: int = 1) -> ModelSizes:
+    """The sizes predict.memory reads, as experiments/setup.py measures them on the built model:
+    here on an unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
+
+    `zero1_ranks` > 1: ZeroRedundancyOptimizer's share of the rank that owns the most.
+    """
+    from experiments.predict import ModelSizes
+
+    params = list(model.parameters())
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    numels = [p.numel() for p in params]
+    return ModelSizes(
+        sum(numels),
+        params[0].element_size(),
+        assigned_psi=zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None,
+        local_shapes=tuple(tuple(p.shape) for p in params),
+        blocks_here=len(model.blocks),
+        root_shapes=tuple(tuple(p.shape) for p in params if id(p) not in in_blocks),
+    )
+
+
+def zero1_largest_share(numels: list[int], ranks: int) -> int:
+    """Parameters whose optimizer state the fullest rank owns: ZeroRedundancyOptimizer assigns whole
+    parameters, largest first, each to the rank holding the fewest so far (its
+    _partition_parameters; one parameter group, as parallel/zero.py builds it)."""
+    held = [0] * ranks
+    for n in sorted(numels, reverse=True):
+        held[held.index(min(held))] += n
+    return max(held)
 
 
 def parameter_count(cfg: Config) -> int:
+    return sum(p.numel() for p in _meta_model(cfg).parameters())
+
+
+def _meta_model(cfg: Config) -> StagedModel:
     from data import dataset_spec
     from models import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg.model, dataset_spec(cfg.dataset))
-    return sum(p.numel() for p in model.parameters())
+        return build_model(cfg.model, dataset_spec(cfg.dataset))
 
 
 def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:

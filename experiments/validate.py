@@ -41,6 +41,23 @@ def _check_eval(cfg: Config) -> None:
         )
 
 
+def check_auto_resume(cfg: Config, job_dir: Path) -> None:
+    """train.resume=auto in a job dir that holds a checkpoint, under a strategy that cannot load it.
+
+    Apart from validate: only the job dir says whether auto finds a checkpoint.
+    """
+    from experiments.checkpoint import resolve
+
+    if cfg.train.resume != "auto" or get_spec(cfg.strategy.name).resumable:
+        return
+    source = resolve("auto", job_dir)
+    if source is not None:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} cannot resume from a checkpoint yet (train.resume=auto: {source}); "
+            f"resume it with another strategy: train.resume={job_dir} in a new hydra.run.dir"
+        )
+
+
 def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:
     """Every rule that needs no process; `explicit`: the keys the user set on the command line."""
     t, m = cfg.train, cfg.model
@@ -52,12 +69,17 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
         from experiments.checkpoint import resolve
 
         try:
-            resolve(t.resume, Path("."))
+            source = resolve(t.resume, Path("."))
         except FileNotFoundError:
             raise ConfigError(
                 f"train.resume={t.resume} holds no complete checkpoint; give a job dir or "
                 "<job dir>/checkpoints/step_<N>, or auto | never"
             ) from None
+        if not get_spec(cfg.strategy.name).resumable:
+            raise ConfigError(
+                f"strategy={cfg.strategy.name} cannot resume from a checkpoint yet (train.resume={t.resume}: "
+                f"{source}); resume it with another strategy, or start over with train.resume=never"
+            )
     check_launcher(cfg.launcher)
     if world_size is None:
         world_size = cfg.launcher.nnodes * cfg.launcher.nproc_per_node

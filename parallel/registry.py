@@ -24,7 +24,7 @@ from experiments.predict import (
 )
 from parallel.dataparallel import apply_dp
 from parallel.ddp import apply_ddp
-from parallel.deepspeed import apply_deepspeed
+from parallel.deepspeed import DeepSpeedEngine, apply_deepspeed
 from parallel.deepspeed import check as check_deepspeed
 from parallel.fsdp import apply_fsdp
 from parallel.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
@@ -66,6 +66,8 @@ class StrategySpec:
     wraps_ddp: bool = False
     # model.norm=sync_batch means BatchNorm statistics over all of its data-parallel ranks.
     syncs_batchnorm: bool = False
+    # Loads a checkpoint (train.resume): refused before launch where not. Saving always works.
+    resumable: bool = True
 
     def record_name(self, s: StrategyConfig) -> str:
         return self.label(s) if self.label is not None else s.name
@@ -124,6 +126,8 @@ STRATEGIES: dict[str, StrategySpec] = {
         engine="deepspeed",
         comm=deepspeed_comm,
         check=check_deepspeed,
+        # Its engine says why (parallel/deepspeed.py) and refuses a load too, after launch.
+        resumable=DeepSpeedEngine.resumable,
         label=lambda s: f"deepspeed_zero{s.zero_stage}",
         shards="DeepSpeed's ZeRO: the batch + optimizer state (stage 1), grads (2), params (3)",
     ),

@@ -186,6 +186,37 @@ def test_data_that_cannot_work_is_rejected_before_launch(monkeypatch, capfd, tmp
         assert names in rejected(monkeypatch, capfd, tmp_path, *args)
 
 
+def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(monkeypatch, capfd, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from experiments.checkpoint import COMPLETE, step_dir
+    from experiments.config import save_frozen
+
+    # A checkpoint only has to resolve: the refusal comes before anything reads it.
+    source = tmp_path / "source"
+    step_dir(source, 3).mkdir(parents=True)
+    (step_dir(source, 3) / COMPLETE).touch()
+    ds = ("strategy=deepspeed", "strategy.zero_stage=1")
+    for resume in (source, step_dir(source, 3)):
+        line = rejected(monkeypatch, capfd, tmp_path, *ds, f"train.resume={resume}")
+        assert f"strategy=deepspeed cannot resume from a checkpoint yet (train.resume={resume}:" in line, line
+    # The same job dir again (train.resume=auto): only the job dir says there is a checkpoint.
+    args = [*TINY, *ds]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        save_frozen(compose("config", overrides=args), source)
+    code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={source}")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("paralab: config error: strategy=deepspeed cannot resume"), lines
+    assert f"train.resume={source} in a new hydra.run.dir" in lines[0], lines
+    # Torch's strategies load it.
+    from omegaconf import OmegaConf
+
+    from experiments.validate import validate
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        validate(OmegaConf.to_object(compose("config", overrides=[*TINY, f"train.resume={source}"])))
+
+
 def test_a_sweep_of_only_rejected_jobs_fails(monkeypatch, capfd, tmp_path):
     sweep = tmp_path / "sweep"
     code, lines = cli(

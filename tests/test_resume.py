@@ -118,10 +118,23 @@ def test_deepspeed_checkpoint_resumes_in_torch(source, target, tmp_path):
 
 @NEEDS_DEEPSPEED
 def test_resuming_into_deepspeed_is_one_clear_error(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments.config import ConfigError
+    from experiments.job import execute
+    from experiments.parity import compose_config
+
     ds = Case("deepspeed", 2, extra=("strategy.zero_stage=1",))
     run_case([*Case("ddp", 2).overrides, f"train.steps={CUT}"], tmp_path / "source")
+    overrides = [*ds.overrides, f"train.resume={tmp_path / 'source'}"]
+    with pytest.raises(ConfigError, match="strategy=deepspeed cannot resume from a checkpoint yet"):
+        run_case(overrides, tmp_path / "target")  # refused before launch
+    assert not (tmp_path / "target").exists()
+    # Past validation (a job started some other way), the engine refuses the load itself.
+    cfg = compose_config(overrides)
+    (tmp_path / "target").mkdir()
     with pytest.raises(JobFailed) as failed:
-        run_case([*ds.overrides, f"train.resume={tmp_path / 'source'}"], tmp_path / "target")
+        execute(cfg, OmegaConf.to_object(cfg), tmp_path / "target")  # type: ignore[arg-type]
     assert "cannot resume from a checkpoint yet" in failed.value.message, failed.value.message
 
 

@@ -1,0 +1,114 @@
+"""The pre-launch memory check counts what the run's theory predicts: one formula for both.
+
+No process starts here: the theory's side is built as experiments/setup.py builds it on a rank,
+from a real (unsharded) model, which holds the same shapes where tp = pp = 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from experiments.config import Config
+from experiments.parity import compose_config
+from experiments.predict import ModelSizes, Setting, optimizer_state_bytes_per_param, predict
+from experiments.record import Tag
+from experiments.resources import model_state_bytes_per_rank, parameter_count, zero1_largest_share
+from experiments.theory import Precision, zero_model_state_bytes
+from parallel.mesh import Degrees, resolve_degrees
+from parallel.registry import get_spec
+from tests.test_parity import GPT
+
+SMALL = ("model.hidden=32", "model.layers=2", "dataset.input_shape=[8]", "train.global_batch_size=16")
+MOMENTUM = ("train.optimizer=sgd", "train.momentum=0.9")
+ADAMW = ("train.optimizer=adamw",)
+
+
+def _config(*overrides: str, world: int) -> tuple[Config, Degrees]:
+    cfg: Config = OmegaConf.to_object(  # type: ignore[assignment]
+        compose_config([*SMALL, *overrides, f"launcher.nproc_per_node={world}"])
+    )
+    return cfg, resolve_degrees(cfg.strategy, world)
+
+
+def _run_time_theory(cfg: Config, degrees: Degrees) -> float:
+    """theory/mem/model_state_bytes as a rank logs it (experiments/setup.py), for tp = pp = 1."""
+    from data import dataset_spec
+    from experiments.measure import tp_local_shapes
+    from models import build_model
+
+    data = dataset_spec(cfg.dataset)
+    model = build_model(cfg.model, data)
+    params = list(model.parameters())
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    sizes = ModelSizes(
+        sum(p.numel() for p in params),
+        params[0].element_size(),
+        local_shapes=tp_local_shapes(params),
+        blocks_here=len(model.blocks),
+        root_shapes=tp_local_shapes(p for p in params if id(p) not in in_blocks),
+    )
+    spec = get_spec(cfg.strategy.name)
+    local_batch = cfg.train.global_batch_size // degrees.dp
+    return predict(spec, Setting(cfg, degrees, sizes, local_batch, data.seq_len))[Tag.THEORY_MODEL_STATE]
+
+
+CASES = [
+    *((("strategy=deepspeed", f"strategy.zero_stage={z}"), f"deepspeed_zero{z}") for z in (1, 2, 3)),
+    (("strategy=zero3",), "zero3"),
+    (("strategy=zero3", *GPT), "zero3-transformer"),  # a root (embedding, head) kept gathered
+    (("strategy=zero2",), "zero2"),
+    (("strategy=ddp",), "ddp"),
+]
+
+
+@pytest.mark.parametrize("optimizer", [MOMENTUM, ADAMW], ids=["sgd-momentum", "adamw"])
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("overrides", [c for c, _ in CASES], ids=[i for _, i in CASES])
+def test_the_check_counts_the_run_time_theory(overrides, world, optimizer):
+    cfg, d = _config(*overrides, *optimizer, world=world)
+    assert model_state_bytes_per_rank(cfg, d) == _run_time_theory(cfg, d)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_is_counted_with_its_fp32_master_partition(stage):
+    # What the paper's fp32 formula (the check's old count) leaves out: b·Ψ/N of optimizer state
+    # at every stage, and from stage 3 one gathered copy of the parameters.
+    cfg, d = _config("strategy=deepspeed", f"strategy.zero_stage={stage}", *ADAMW, world=4)
+    psi, n, k = parameter_count(cfg), d.dp, optimizer_state_bytes_per_param(cfg)
+    paper = zero_model_state_bytes({1: "os", 2: "os+g", 3: "os+g+p"}[stage], psi, n, Precision(4, 4, k))
+    gathered = 4 * psi if stage == 3 else 0
+    assert model_state_bytes_per_rank(cfg, d) == pytest.approx(paper + 4 * psi / n + gathered)
+
+
+def test_tensor_parallel_falls_back_to_the_paper_on_a_share_of_the_parameters():
+    # predict.memory has no prediction under TP; fsdp_tp has no ZeRO stage in the registry, so
+    # the fallback counts it as plain data parallelism (more than it holds: the check errs safe).
+    cfg, d = _config("strategy=fsdp_tp", "strategy.tp=2", *GPT, *ADAMW, world=4)
+    assert get_spec("fsdp_tp").zero_stage(cfg.strategy) is None
+    psi = parameter_count(cfg) / 2
+    expected = zero_model_state_bytes("dp", psi, d.dp, Precision(4, 4, 8))
+    assert model_state_bytes_per_rank(cfg, d) == pytest.approx(expected)
+
+
+def test_zero1_counts_the_fullest_ranks_share_as_zero_redundancy_optimizer_assigns_it():
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from data import dataset_spec
+    from models import build_model
+
+    cfg, d = _config("strategy=zero1", *ADAMW, world=3)
+    model = build_model(cfg.model, dataset_spec(cfg.dataset))
+    # A fake process group: ZeroRedundancyOptimizer partitions by world size, no process needed.
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=3)
+    try:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.1)
+        owned = [sum(p.numel() for g in rank for p in g["params"]) for rank in opt._partition_parameters()]
+    finally:
+        dist.destroy_process_group()
+    assert zero1_largest_share([p.numel() for p in model.parameters()], 3) == max(owned)
+    psi = sum(p.numel() for p in model.parameters())
+    assert model_state_bytes_per_rank(cfg, d) == 4 * psi + 4 * psi + 8 * max(owned)
