@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import nn
+
 from experiments.config import Config
 from experiments.record import Tag
 from experiments.theory import (
@@ -50,6 +52,24 @@ class ModelSizes:
 
     def padded_root(self, n: int) -> int:
         return padded(self.root_shapes, n)
+
+    @classmethod
+    def of(cls, model: nn.Module, psi: int, param_bytes: int, assigned_psi: int | None = None) -> ModelSizes:
+        """This rank's `model` (TP-sharded, a pipeline stage, or whole), group by group as FSDP
+        shards it: its blocks, and the root's own parameters."""
+        from experiments.measure import tp_local_shapes
+
+        params = list(model.parameters())
+        blocks = getattr(model, "blocks", None)
+        in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
+        return cls(
+            psi,
+            param_bytes,
+            assigned_psi=assigned_psi,
+            local_shapes=tp_local_shapes(params),
+            blocks_here=len(blocks) if blocks is not None else 0,
+            root_shapes=tp_local_shapes(p for p in params if id(p) not in in_blocks),
+        )
 
 
 def padded(shapes: tuple[tuple[int, ...], ...], n: int) -> int:

@@ -4,8 +4,9 @@ checkpoints vs disk: checked before launch, and a refusal says what does fit.
 The model-state bytes are the run-time theory's (experiments/predict.py's `memory`: what the
 strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
 parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
-bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations and torch's own buffers come on top, so a job that passes can still run
-out of memory; one that fails cannot run.
+bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations
+and torch's own buffers come on top, so a job that passes can still run out of memory; one that
+fails cannot run.
 """
 
 from __future__ import annotations
@@ -80,24 +81,16 @@ def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
 
 
 def model_sizes(model: StagedModel, zero1_ranks: int = 1) -> ModelSizes:
-    """The sizes predict.memory reads, as experiments/setup.py measures them on the built model:
-    here on an unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
+    """The sizes predict.memory reads, as setup measures them on the built model: here on an
+    unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
 
     `zero1_ranks` > 1: ZeroRedundancyOptimizer's share of the rank that owns the most.
     """
     from experiments.predict import ModelSizes
 
-    params = list(model.parameters())
-    in_blocks = {id(p) for p in model.blocks.parameters()}
-    numels = [p.numel() for p in params]
-    return ModelSizes(
-        sum(numels),
-        params[0].element_size(),
-        assigned_psi=zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None,
-        local_shapes=tuple(tuple(p.shape) for p in params),
-        blocks_here=len(model.blocks),
-        root_shapes=tuple(tuple(p.shape) for p in params if id(p) not in in_blocks),
-    )
+    numels = [p.numel() for p in model.parameters()]
+    share = zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None
+    return ModelSizes.of(model, sum(numels), next(model.parameters()).element_size(), assigned_psi=share)
 
 
 def zero1_largest_share(numels: list[int], ranks: int) -> int:

@@ -20,7 +20,7 @@ from experiments.config import Config
 from experiments.distenv import RankEnv
 from experiments.evaluate import Evaluator
 from experiments.flops import peak_flops_per_s, training_flops_per_sample
-from experiments.measure import local_optimizer, tp_local_shapes
+from experiments.measure import local_optimizer
 from experiments.meter import Meter, Rates, TimedBatches
 from experiments.metrics import TensorBoardSink
 from experiments.optim import lr_scheduler, optimizer_spec
@@ -105,16 +105,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     local_samples = t.global_batch_size // dp_size
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
-    blocks = getattr(par.model, "blocks", None)
-    in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
-    sizes = ModelSizes(
-        psi,
-        elem,
-        assigned_psi=owned_psi,
-        local_shapes=tp_local_shapes(par.model.parameters()),
-        blocks_here=len(blocks) if blocks is not None else 0,
-        root_shapes=tp_local_shapes(p for p in par.model.parameters() if id(p) not in in_blocks),
-    )
+    sizes = ModelSizes.of(par.model, psi, elem, assigned_psi=owned_psi)
     pp_rank = mesh["pp"].get_local_rank()
     theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))
     peak, peak_dtype = peak_flops_per_s(device, cfg, has_conv)
