@@ -106,6 +106,7 @@ MATRIX = [
     Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
     Case("ddp", 4, CNN),
     Case("ddp", 2, RESNET),
+    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
     # Momentum and weight decay are optimizer state and math that ZeRO-1 shards; cosine with warmup.
     Case(
@@ -311,3 +312,13 @@ def test_matches_single_process(case, tmp_path, references):
 @pytest.mark.parametrize("case", FULL, ids=str)
 def test_matches_single_process_full(case, tmp_path, references):
     check(case, tmp_path, references)
+
+
+def test_plain_batchnorm_is_not_single_process_training(tmp_path, references):
+    """What the sync_batch cases guard against: each rank's BatchNorm normalises by its own half of
+    the batch, so DDP with model.norm=batch leaves the one-process trajectory at once."""
+    case = Case("ddp", 2, RESNET, ("model.norm=batch",))
+    ref, _ = references(case)
+    got = run_case(case.overrides, tmp_path / "job")
+    worst = max(deviations(got["losses"], ref["losses"]))
+    assert worst > 100 * tolerance(got["precision"]), (worst, got["losses"], ref["losses"])
