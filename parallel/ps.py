@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from experiments.config import Config, ConfigError
 from parallel.base import Engine, Parallelized, StrategyContext, module_forward_backward
 from parallel.launch import free_port
+from parallel.rendezvous import LOOPBACK, is_loopback, loopback_init_method
 
 SERVER = "ps0"
 
@@ -97,14 +98,16 @@ class ParameterServerEngine(Engine):
 
 
 def _init_rpc(rank: int, world: int) -> None:
-    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    host = os.environ.get("MASTER_ADDR", LOOPBACK)
     port = [free_port(host) if rank == 0 else 0]
     dist.broadcast_object_list(port, src=0)
+    # One node: RPC's store on loopback too (TensorPipe's own sockets follow TP_SOCKET_IFNAME).
+    init = loopback_init_method(port[0]) if is_loopback(host) else f"tcp://{host}:{port[0]}"
     rpc.init_rpc(
         f"ps{rank}",
         rank=rank,
         world_size=world,
-        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{host}:{port[0]}"),
+        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=init),
     )
 
 

@@ -7,7 +7,10 @@ read with pickle. What torch offers to keep a single-node job off the network, u
 - `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` stops the agent from serving a TCPStore to its workers;
   the workers' own store is then a TCPStore given an already-bound loopback socket
   (`master_listen_fd`, see `loopback_store`);
-- gloo and NCCL pick their interface from `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` (`lo`).
+- gloo and NCCL pick their interface from `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` (`lo`),
+  TensorPipe (torch.distributed.rpc) from `TP_SOCKET_IFNAME`;
+- RPC builds its own store from an init_method URL: a rendezvous handler registered for
+  `paralab-loopback://` hands it `loopback_store`'s store instead (`loopback_init_method`).
 Multi-node jobs need the network: run them on a trusted network (README, Security).
 """
 
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from urllib.parse import parse_qsl, urlparse
 
 import torch.distributed as dist
 
@@ -34,7 +38,9 @@ _LOOPBACK_ENV = {
     "GLOO_SOCKET_IFNAME": "lo",
     "NCCL_SOCKET_IFNAME": "lo",
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    "TP_SOCKET_IFNAME": "lo",
 }
+LOOPBACK_SCHEME = "paralab-loopback"
 WAIT_NOTE_EVERY_S = 15.0
 
 
@@ -81,6 +87,31 @@ def loopback_store(port: int, world_size: int, is_master: bool, timeout: timedel
     return dist.TCPStore(
         LOOPBACK, port, world_size, True, timeout=timeout, master_listen_fd=listener.detach()
     )
+
+
+def _loopback_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **_: object):
+    """torch.distributed.rendezvous for `paralab-loopback://127.0.0.1:<port>`; rendezvous() adds
+    this rank and the world size to the query."""
+    parsed = urlparse(url)
+    query = dict(parse_qsl(parsed.query))
+    rank, world = int(query["rank"]), int(query["world_size"])
+    if parsed.port is None:
+        raise ValueError(f"{url}: no port")
+    yield loopback_store(parsed.port, world, rank == 0, timeout), rank, world
+    raise RuntimeError(f"{LOOPBACK_SCHEME}:// cannot rendezvous again")
+
+
+_registered = threading.Lock()
+
+
+def loopback_init_method(port: int) -> str:
+    """An init_method URL for what builds its own store (RPC): its store then listens on loopback only."""
+    with _registered:
+        try:
+            dist.register_rendezvous_handler(LOOPBACK_SCHEME, _loopback_rendezvous)
+        except RuntimeError:
+            pass  # registered by an earlier call in this process
+    return f"{LOOPBACK_SCHEME}://{LOOPBACK}:{port}"
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:

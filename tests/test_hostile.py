@@ -403,8 +403,17 @@ def _listening(pids: set[int]) -> list[tuple[str, int]]:
     return found
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", pytest.param("spawn", marks=pytest.mark.full)])
-def test_a_single_node_job_listens_on_loopback_only(tmp_path, launcher):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("launcher=torchrun",),
+        # RPC brings its own store and TensorPipe's listeners.
+        ("launcher=torchrun", "strategy=ps"),
+        pytest.param(("launcher=spawn",), marks=pytest.mark.full),
+    ],
+    ids=["torchrun", "torchrun-ps", "spawn"],
+)
+def test_a_single_node_job_listens_on_loopback_only(tmp_path, overrides):
     import ipaddress
 
     from tests.test_faults import job
@@ -412,7 +421,7 @@ def test_a_single_node_job_listens_on_loopback_only(tmp_path, launcher):
     others = _non_loopback_addresses()
     if not others:
         pytest.skip("this machine has no non-loopback address to connect from")
-    with job(tmp_path, f"launcher={launcher}") as j:
+    with job(tmp_path, *overrides) as j:
         j.ranks()
         listening = _listening(j.descendants() | {j.proc.pid})
         assert listening, "the ranks' store listens somewhere"
