@@ -5,6 +5,7 @@ does not use is an error, not a silent no-op.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -12,13 +13,12 @@ from omegaconf.errors import ConfigKeyError
 
 from experiments.config import Config, ConfigError, StrategyConfig
 
-# strategy key -> whether a strategy (its registry traits) reads it.
+# strategy key -> whether a strategy reads it, from its registry traits; `reads` names the rest.
 STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "tp": lambda spec: "tp" in spec.configured,
     "pp": lambda spec: "pp" in spec.configured,
-    # DistributedDataParallel (ddp, zero1, ddp_pp); DeepSpeed sizes its reduce and gather buckets
-    # with bucket_cap_mb too.
-    "bucket_cap_mb": lambda spec: spec.wraps_ddp or spec.engine == "deepspeed",
+    # DistributedDataParallel (ddp, zero1, ddp_pp).
+    "bucket_cap_mb": lambda spec: spec.wraps_ddp,
     "gradient_as_bucket_view": lambda spec: spec.wraps_ddp,
     # FSDP2 shards over dp_shard (fsdp, zero2, zero3, fsdp_tp, fsdp_tp_pp).
     "reshard_after_forward": lambda spec: spec.fill == "dp_shard",
@@ -28,8 +28,12 @@ STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "schedule": lambda spec: spec.pipelined,
     "microbatches": lambda spec: spec.pipelined,
     "stages_per_rank": lambda spec: spec.pipelined,
-    "zero_stage": lambda spec: spec.engine == "deepspeed",
 }
+
+
+def reads(spec, key: str) -> bool:
+    implied = STRATEGY_KEY_USERS.get(key)
+    return key in spec.reads or (implied is not None and implied(spec))
 
 
 def override_keys(overrides: Sequence[str]) -> list[str]:
@@ -55,10 +59,10 @@ def check_used(cfg: Config, explicit: Iterable[str] = ()) -> None:
     s = cfg.strategy
     spec = get_spec(s.name)
     default = StrategyConfig(name=s.name)
-    for key, used_by in STRATEGY_KEY_USERS.items():
+    for key in (f.name for f in dataclasses.fields(StrategyConfig) if f.name != "name"):
         value = getattr(s, key)
-        if (value != getattr(default, key) or f"strategy.{key}" in explicit) and not used_by(spec):
-            users = [n for n, sp in STRATEGIES.items() if used_by(sp)]
+        if (value != getattr(default, key) or f"strategy.{key}" in explicit) and not reads(spec, key):
+            users = [n for n, sp in STRATEGIES.items() if reads(sp, key)]
             raise ConfigError(
                 f"strategy={s.name} does not use strategy.{key}={_show(value)}; drop it, or pick a "
                 f"strategy that does ({', '.join(users)})"

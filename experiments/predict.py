@@ -100,38 +100,33 @@ def optimizer_state_bytes_per_param(cfg: Config) -> int:
     return 4 if cfg.train.momentum else 0
 
 
-def memory(stage: str | None, x: Setting, engine: str = "torch") -> dict[str, float]:
-    d, m = x.degrees, x.sizes
-    if stage is None or d.tp * d.pp > 1:
-        return {}
-    n, b = d.dp, m.param_bytes
+# (ZeRO stage, setting) -> bytes per category on this rank: what an implementation holds.
+MemoryModel = Callable[[str, "Setting"], dict[str, float]]
+
+
+def torch_memory(stage: str, x: Setting) -> dict[str, float]:
+    """What torch's DDP, ZeroRedundancyOptimizer and FSDP2 hold."""
+    n, m, b = x.degrees.dp, x.sizes, x.sizes.param_bytes
     k = optimizer_state_bytes_per_param(x.cfg)
     psi = m.psi
-    if engine == "deepspeed":
-        cats = deepspeed_memory(stage, psi, n, b, k)
-    elif stage == "dp":
-        cats = {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * psi}
-    elif stage == "os":
+    if stage == "dp":
+        return {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * psi}
+    if stage == "os":
         owned = psi if m.assigned_psi is None else m.assigned_psi
-        cats = {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * owned}
-    else:
-        # ZeRO-2 holds every gathered parameter from forward into backward; ZeRO-3 only the
-        # root's own (FSDP2 keeps them for the backward that starts with them). Gathered copies
-        # live in FSDP2's padded all-gather buffers.
-        gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
-        cats = {
-            "params": b * psi / n,
-            "params_gathered": b * gathered,
-            "grads": b * psi / n,
-            "optim": k * psi / n,
-        }
-    out = {Tag.theory_mem(c): v for c, v in cats.items()}
-    out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
-    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, psi, n, Precision(b, b, k))
-    return out
+        return {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * owned}
+    # ZeRO-2 holds every gathered parameter from forward into backward; ZeRO-3 only the root's
+    # own (FSDP2 keeps them for the backward that starts with them). Gathered copies live in
+    # FSDP2's padded all-gather buffers.
+    gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
+    return {
+        "params": b * psi / n,
+        "params_gathered": b * gathered,
+        "grads": b * psi / n,
+        "optim": k * psi / n,
+    }
 
 
-def deepspeed_memory(stage: str, psi: int, n: int, b: int, k: int) -> dict[str, float]:
+def deepspeed_memory(stage: str, x: Setting) -> dict[str, float]:
     """What DeepSpeed 0.19's ZeRO holds (measured, and read from its stage_1_and_2.py / stage3.py).
 
     Its optimizer steps an fp32 master copy of this rank's partition even when training in fp32:
@@ -141,6 +136,8 @@ def deepspeed_memory(stage: str, psi: int, n: int, b: int, k: int) -> dict[str, 
     parameter for forward and keeps them into backward: one gathered copy, as FSDP2's ZeRO-2.
     Stage 2's gradient buckets add a rank-dependent remainder to its gradient partition.
     """
+    n, psi, b = x.degrees.dp, x.sizes.psi, x.sizes.param_bytes
+    k = optimizer_state_bytes_per_param(x.cfg)
     whole_params = stage in ("os", "os+g")
     return {
         "params": b * psi if whole_params else b * psi / n,
@@ -148,6 +145,20 @@ def deepspeed_memory(stage: str, psi: int, n: int, b: int, k: int) -> dict[str, 
         "grads": b * psi if stage == "os" else b * psi / n,
         "optim": (k + b) * psi / n,
     }
+
+
+def memory(stage: str | None, x: Setting, model: MemoryModel = torch_memory) -> dict[str, float]:
+    """The implementation's model state (`model`) and the paper's, as theory tags; {} where not
+    predicted (no ZeRO stage, or tensor/pipeline parallelism: a share depends on the plan)."""
+    d = x.degrees
+    if stage is None or d.tp * d.pp > 1:
+        return {}
+    cats = model(stage, x)
+    b, k = x.sizes.param_bytes, optimizer_state_bytes_per_param(x.cfg)
+    out = {Tag.theory_mem(c): v for c, v in cats.items()}
+    out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
+    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, x.sizes.psi, d.dp, Precision(b, b, k))
+    return out
 
 
 # ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
@@ -302,7 +313,7 @@ def bubble(x: Setting) -> dict[str, float]:
 def predict(spec, x: Setting) -> dict[str, float]:
     """Every prediction for one rank of a run, from its strategy's registry entry."""
     return {
-        **memory(spec.zero_stage(x.cfg.strategy), x, spec.engine),
+        **memory(spec.zero_stage(x.cfg.strategy), x, spec.memory),
         **communication(spec.comm, x),
         **(bubble(x) if spec.pipelined else {}),
     }

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from experiments.config import Config, ConfigError, StrategyConfig
 from experiments.predict import (
     CommTheory,
+    MemoryModel,
     ddp_comm,
     ddp_pp_comm,
     deepspeed_comm,
+    deepspeed_memory,
     fsdp_comm,
     fsdp_tp_comm,
     no_comm,
     pp_comm,
+    torch_memory,
     tp_comm,
     zero1_comm,
 )
@@ -49,15 +52,17 @@ class StrategySpec:
     pipelined: bool = False
     # One whole batch per step through the stages (the naive layer split): no microbatches.
     one_batch: bool = False
-    # ZeRO stage of its model-state memory ("dp", "os", "os+g", "os+g+p"); None = no ZeRO accounting.
-    # "fsdp" means: chosen by strategy.reshard_after_forward; "deepspeed": by strategy.zero_stage.
-    stage: str | None = None
+    # ZeRO stage of its model-state memory ("dp", "os", "os+g", "os+g+p"), or the function of its
+    # config that picks one; None = no ZeRO accounting.
+    stage: str | Callable[[StrategyConfig], str | None] | None = None
     # zero2/zero3 are FSDP with reshard_after_forward fixed.
     fixed_reshard: bool | None = None
     comm: CommTheory | None = None  # its collectives per step; None = not predicted
     shards: str = ""  # for the README table and --help
-    # Whose implementation holds the memory: "torch" or "deepspeed" (experiments/predict.py).
-    engine: str = "torch"
+    # What its implementation holds at each ZeRO stage (experiments/predict.py).
+    memory: MemoryModel = torch_memory
+    # Strategy keys it reads that its other traits do not imply (experiments/keys.py).
+    reads: frozenset[str] = frozenset()
     # Its name in records and reports where a key picks a variant (DeepSpeed's stage).
     label: Callable[[StrategyConfig], str] | None = None
     # Its own rules, checked with the others before any process starts (raises ConfigError).
@@ -73,16 +78,20 @@ class StrategySpec:
         return self.label(s) if self.label is not None else s.name
 
     def zero_stage(self, s: StrategyConfig) -> str | None:
-        if self.stage == "fsdp":
-            return "os+g+p" if s.reshard_after_forward else "os+g"
-        if self.stage == "deepspeed":
-            return {1: "os", 2: "os+g", 3: "os+g+p"}.get(s.zero_stage)
-        return self.stage
+        return self.stage(s) if callable(self.stage) else self.stage
+
+
+def fsdp_stage(s: StrategyConfig) -> str:
+    return "os+g+p" if s.reshard_after_forward else "os+g"
+
+
+def deepspeed_stage(s: StrategyConfig) -> str | None:
+    return {1: "os", 2: "os+g", 3: "os+g+p"}.get(s.zero_stage)
 
 
 TP = frozenset({"tp"})
 PP = frozenset({"pp"})
-_FSDP = dict(fill="dp_shard", stage="fsdp", comm=fsdp_comm, syncs_batchnorm=True)
+_FSDP = dict(fill="dp_shard", stage=fsdp_stage, comm=fsdp_comm, syncs_batchnorm=True)
 STRATEGIES: dict[str, StrategySpec] = {
     REFERENCE: StrategySpec(
         apply_single,
@@ -122,8 +131,9 @@ STRATEGIES: dict[str, StrategySpec] = {
     "deepspeed": StrategySpec(
         apply_deepspeed,
         "dp_replicate",
-        stage="deepspeed",
-        engine="deepspeed",
+        stage=deepspeed_stage,
+        memory=deepspeed_memory,
+        reads=frozenset({"bucket_cap_mb", "zero_stage"}),  # its reduce/gather buckets; its stage
         comm=deepspeed_comm,
         check=check_deepspeed,
         # Its engine says why (parallel/deepspeed.py) and refuses a load too, after launch.
