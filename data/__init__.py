@@ -28,15 +28,6 @@ def dataset_spec(cfg: DatasetConfig) -> DataSpec:
     return DataSpec("classify", tuple(cfg.input_shape), num_classes=cfg.num_classes)
 
 
-def check_dataset(cfg: DatasetConfig) -> None:
-    dataset_spec(cfg)
-    if cfg.name == "tokens" and cfg.text_file and not Path(cfg.text_file).expanduser().is_file():
-        raise ConfigError(f"dataset.text_file={cfg.text_file} not found; give the path of a local text file")
-    from data.vision import check_files
-
-    check_files(cfg)
-
-
 SPLITS = ("train", "val")
 # A text file's held-out tail: this share of its windows (at least one).
 TEXT_HELD_OUT = 0.1

@@ -1,9 +1,10 @@
 """Data that cannot work, found before launch; and the one download, done before launch.
 
-Checked here: a token file too short for one batch; MNIST idx files whose header does not match
-their size; CIFAR-10 batches that fail their published MD5 (with dataset.verify_checksums=true);
-a dataset.input_shape or num_classes that the real files do not have. Downloading runs once, in the
-job's process, before any rank starts: ranks never download (they would race into one folder).
+Checked here: files that are not there (a text file; the files torchvision reads); a token file
+too short for one batch; MNIST idx files whose header does not match their size; CIFAR-10 batches
+that fail their published MD5 (with dataset.verify_checksums=true); a dataset.input_shape or
+num_classes that the real files do not have. Downloading runs once, in the job's process, before
+any rank starts: ranks never download (they would race into one folder).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from data import dataset_spec
 from experiments.config import Config, ConfigError, DatasetConfig
 
 # What the real files hold: the model is built from the config, so the config must say this.
@@ -18,6 +20,17 @@ REAL = {"mnist": ([1, 28, 28], 10), "cifar10": ([3, 32, 32], 10)}
 MNIST_FILES = {  # file -> (idx magic, dims after the count)
     "MNIST/raw/train-images-idx3-ubyte": (2051, 2),
     "MNIST/raw/train-labels-idx1-ubyte": (2049, 0),
+}
+# Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
+# Both splits: the test split is the held-out one, and torchvision checks for it either way.
+EXPECTED = {
+    "mnist": [
+        f"MNIST/raw/{s}-{k}-idx{d}-ubyte"
+        for s in ("train", "t10k")
+        for k, d in (("images", 3), ("labels", 1))
+    ],
+    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
+    + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
 }
 
 
@@ -27,13 +40,16 @@ class DataUnavailable(RuntimeError):
 
 def check_data(cfg: Config) -> None:
     d, batch = cfg.dataset, cfg.train.global_batch_size
+    dataset_spec(d)  # an unknown dataset
     if d.name in REAL:
+        # Said first: a wrong shape is wrong wherever the files are.
         shape, classes = REAL[d.name]
         if list(d.input_shape) != shape or d.num_classes != classes:
             raise ConfigError(
                 f"dataset={d.name} holds {classes} classes of shape {shape}; dataset.input_shape="
                 f"{list(d.input_shape)} dataset.num_classes={d.num_classes} cannot change that"
             )
+    check_files(d)
     if d.name == "tokens" and d.text_file:
         _check_text(Path(d.text_file).expanduser(), d.seq_len, batch)
     if d.download:
@@ -42,7 +58,7 @@ def check_data(cfg: Config) -> None:
     if d.name == "mnist":
         for name, (magic, dims) in MNIST_FILES.items():
             n = _idx_count(root / name, magic, dims)
-            if n is not None and n < batch:
+            if n < batch:
                 raise ConfigError(
                     f"{root / name} holds {n} samples, fewer than one batch (train.global_batch_size={batch})"
                 )
@@ -50,9 +66,22 @@ def check_data(cfg: Config) -> None:
         _check_cifar_md5(root)
 
 
+def check_files(d: DatasetConfig) -> None:
+    """The files the dataset reads are there (unless dataset.download fetches them first)."""
+    if d.name == "tokens" and d.text_file and not Path(d.text_file).expanduser().is_file():
+        raise ConfigError(f"dataset.text_file={d.text_file} not found; give the path of a local text file")
+    if d.name not in EXPECTED or d.download:
+        return
+    root = Path(d.root).expanduser().resolve()
+    missing = [f for f in EXPECTED[d.name] if not (root / f).is_file()]
+    if missing:
+        raise ConfigError(
+            f"dataset={d.name}: {root / missing[0]} not found; put the {d.name} files under "
+            f"dataset.root={d.root} or run once with dataset.download=true"
+        )
+
+
 def _check_text(path: Path, seq_len: int, batch: int) -> None:
-    if not path.is_file():
-        return  # data.check_dataset says "not found"
     from data import text_held_out
 
     size = path.stat().st_size
@@ -67,11 +96,9 @@ def _check_text(path: Path, seq_len: int, batch: int) -> None:
         )
 
 
-def _idx_count(path: Path, magic: int, dims: int) -> int | None:
+def _idx_count(path: Path, magic: int, dims: int) -> int:
     """Samples in an idx file, after checking that its header matches its size (a truncated or
     foreign file fails here, not in every rank)."""
-    if not path.is_file():
-        return None  # data.check_dataset says "not found"
     header = 4 * (2 + dims)
     with open(path, "rb") as f:
         raw = f.read(header)

@@ -1,4 +1,4 @@
-"""torchvision datasets read from a local root, with a clear error when the files are not there."""
+"""torchvision datasets read from a local root (data.checks says before launch when files are missing)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,8 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from experiments.config import ConfigError, DatasetConfig
+from experiments.config import DatasetConfig
 
-# Files torchvision itself looks for under the root (see MNIST.resources and CIFAR10.train_list).
-# Both splits: the test split is the held-out one, and torchvision checks for it either way.
-EXPECTED = {
-    "mnist": [
-        f"MNIST/raw/{s}-{k}-idx{d}-ubyte"
-        for s in ("train", "t10k")
-        for k, d in (("images", 3), ("labels", 1))
-    ],
-    "cifar10": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)]
-    + ["cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
-}
 NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
 
@@ -28,18 +17,6 @@ class _UncheckedCIFAR10(datasets.CIFAR10):
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
     meta = {**datasets.CIFAR10.meta, "md5": None}
-
-
-def check_files(cfg: DatasetConfig) -> None:
-    if cfg.name not in EXPECTED or cfg.download:
-        return
-    root = Path(cfg.root).expanduser().resolve()
-    missing = [f for f in EXPECTED[cfg.name] if not (root / f).is_file()]
-    if missing:
-        raise ConfigError(
-            f"dataset={cfg.name}: {root / missing[0]} not found; put the {cfg.name} files under "
-            f"dataset.root={cfg.root} or run once with dataset.download=true"
-        )
 
 
 def vision_dataset(cfg: DatasetConfig, seed: int, val: bool = False) -> Dataset:

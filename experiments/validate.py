@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data import check_dataset, dataset_spec
+from data import dataset_spec
 from data.checks import check_data
 from experiments.config import Config, ConfigError, Objective
 from experiments.distenv import check_gpus
@@ -100,7 +100,6 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
         spec.check(cfg)
     degrees = resolve_degrees(cfg.strategy, world_size)
     check_data(cfg)
-    check_dataset(cfg.dataset)
     data = dataset_spec(cfg.dataset)
     check_model_fits_data(cfg.model, data)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import build_dataset, check_dataset, make_loader
+from data import build_dataset, make_loader
+from data.checks import check_files
 from data.sampler import ShardedBatchSampler
 from experiments.config import ConfigError, DatasetConfig
 
@@ -43,7 +44,7 @@ def test_tokens_read_a_local_text_file(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("hello paralab, " * 20)
     cfg = DatasetConfig(name="tokens", text_file=str(text), seq_len=8)
-    check_dataset(cfg)
+    check_files(cfg)
     ds = build_dataset(cfg, seed=0)
     x, y = ds[0]
     assert bytes(x.tolist()) == b"hello pa" and bytes(y.tolist()) == b"ello par"
@@ -52,7 +53,7 @@ def test_tokens_read_a_local_text_file(tmp_path):
     held_out = len(build_dataset(cfg, seed=0, split="val"))
     assert held_out == windows // 10 and windows - 1 <= len(ds) + held_out <= windows
     with pytest.raises(ConfigError, match="not found"):
-        check_dataset(DatasetConfig(name="tokens", text_file=str(tmp_path / "missing.txt")))
+        check_files(DatasetConfig(name="tokens", text_file=str(tmp_path / "missing.txt")))
 
 
 def _write_idx(path, magic, dims, data: bytes):
@@ -69,7 +70,7 @@ def test_mnist_reads_idx_files_from_root(tmp_path):
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", 2051, (n, 28, 28), images)
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, (n,), labels)
     cfg = DatasetConfig(name="mnist", root=str(tmp_path), input_shape=[1, 28, 28])
-    check_dataset(cfg)
+    check_files(cfg)
     ds = build_dataset(cfg, seed=0)
     x, y = ds[2]
     assert len(ds) == n and x.shape == (1, 28, 28) and y == 4
@@ -86,7 +87,7 @@ def test_cifar10_reads_pickled_batches_from_root(tmp_path):
         (base / name).write_bytes(pickle.dumps(batch))
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     cfg = DatasetConfig(name="cifar10", root=str(tmp_path), input_shape=[3, 32, 32], verify_checksums=False)
-    check_dataset(cfg)
+    check_files(cfg)
     ds = build_dataset(cfg, seed=0)
     x, y = ds[5]
     assert len(ds) == 20 and x.shape == (3, 32, 32) and y == 1
@@ -97,7 +98,7 @@ def test_cifar10_reads_pickled_batches_from_root(tmp_path):
 
 def test_missing_files_name_the_root_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py/data_batch_1 not found.*download=true"):
-        check_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)))
+        check_files(DatasetConfig(name="cifar10", root=str(tmp_path)))
 
 
 def test_fake_images_are_deterministic():
