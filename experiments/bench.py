@@ -6,8 +6,9 @@ compute-bound) it runs, in turn within each repeat: paralab's loop as shipped (T
 timers, loss and grad-norm reductions, comm/memory sampling on step 3 and every 50), the same with
 sampling off (train.measure_every=0), and a hand-written loop: the same model, data, batch and SGD,
 wrapped as a user would by hand. It prints one row per case: median loop wall times, the
-throughput ratio hand/paralab beside its target, and the sampling overhead. Targets are printed,
-never enforced: a benchmark on a shared machine does not gate anything.
+throughput ratio hand/paralab (the median of each repeat's paired ratio) beside its target, the
+same ratio per step in steady state (steady_ratios), and the sampling overhead. Targets are
+printed, never enforced: a benchmark on a shared machine does not gate anything.
 """
 
 from __future__ import annotations
@@ -201,9 +202,7 @@ def steady_ratios(cfg: Config, mesh: DeviceMesh, job: Path, log, chunks: int, ch
             ratios.append(seconds["hand"] / seconds["paralab"])
         return ratios
     finally:
-        run.sink.close()
-        if run.par.engine is not None:
-            run.par.engine.close()
+        run.close()
 
 
 def case_configs(strategy: str, size: Size, steps: int, extra: list[str]) -> tuple[Config, Config]:

@@ -49,9 +49,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
                 break
         meter.stop()
     finally:
-        run.sink.close()  # what was logged stays readable, however the loop ended
-        if run.par.engine is not None:
-            run.par.engine.close()  # e.g. RPC's agents, which must not outlive a failed step
+        run.close()  # however the loop ended
     if stopped:
         return interrupted(run, job_dir)
     INTERRUPTED.unlink(job_dir)

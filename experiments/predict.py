@@ -101,7 +101,7 @@ def optimizer_state_bytes_per_param(cfg: Config) -> int:
 
 
 # (ZeRO stage, setting) -> bytes per category on this rank: what an implementation holds.
-MemoryModel = Callable[[str, "Setting"], dict[str, float]]
+MemoryModel = Callable[[str, Setting], dict[str, float]]
 
 
 def torch_memory(stage: str, x: Setting) -> dict[str, float]:

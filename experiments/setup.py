@@ -63,6 +63,12 @@ class Run:
     psi: int
     tokens_per_sample: int
 
+    def close(self) -> None:
+        """What was logged stays readable, and an engine's agents (RPC's) do not outlive the run."""
+        self.sink.close()
+        if self.par.engine is not None:
+            self.par.engine.close()
+
 
 def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: logging.Logger) -> Run:
     t = cfg.train

@@ -101,16 +101,10 @@ def _loopback_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), *
     raise RuntimeError(f"{LOOPBACK_SCHEME}:// cannot rendezvous again")
 
 
-_registered = threading.Lock()
-
-
 def loopback_init_method(port: int) -> str:
     """An init_method URL for what builds its own store (RPC): its store then listens on loopback only."""
-    with _registered:
-        try:
-            dist.register_rendezvous_handler(LOOPBACK_SCHEME, _loopback_rendezvous)
-        except RuntimeError:
-            pass  # registered by an earlier call in this process
+    with contextlib.suppress(RuntimeError):  # registered by an earlier call in this process
+        dist.register_rendezvous_handler(LOOPBACK_SCHEME, _loopback_rendezvous)
     return f"{LOOPBACK_SCHEME}://{LOOPBACK}:{port}"
 
 
