@@ -144,11 +144,14 @@ def run_job(cfg: DictConfig) -> float | None:
         check_name(job_dir)
         check_known(cfg)
         typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        degrees = validate(typed, explicit=override_keys(hc.overrides.task))
-        check_endpoint(typed.launcher)
+        # What the job dir holds comes first: a strategy that cannot load its checkpoint is refused
+        # for that, whatever else (an extra not installed) it would also need.
         finished = check_rerun(cfg, job_dir)
         if finished is None:
             check_auto_resume(typed, job_dir)
+        degrees = validate(typed, explicit=override_keys(hc.overrides.task))
+        check_endpoint(typed.launcher)
+        if finished is None:
             check_resources(typed, degrees, job_dir)
         fetch(typed.dataset)
     except (ConfigError, DataUnavailable) as e:

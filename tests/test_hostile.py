@@ -186,11 +186,18 @@ def test_data_that_cannot_work_is_rejected_before_launch(monkeypatch, capfd, tmp
         assert names in rejected(monkeypatch, capfd, tmp_path, *args)
 
 
-def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(monkeypatch, capfd, tmp_path):
+@pytest.mark.parametrize("deepspeed_installed", [True, False], ids=["ds-installed", "ds-missing"])
+def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(
+    monkeypatch, capfd, tmp_path, deepspeed_installed
+):
     from hydra import compose, initialize_config_dir
 
+    import parallel.deepspeed
     from experiments.checkpoint import COMPLETE, step_dir
     from experiments.config import save_frozen
+
+    # The refusal is about the strategy, not about this machine: it reads the same with or without the extra.
+    monkeypatch.setattr(parallel.deepspeed, "installed", lambda: deepspeed_installed)
 
     # A checkpoint only has to resolve: the refusal comes before anything reads it.
     source = tmp_path / "source"
