@@ -11,6 +11,8 @@ from torch.utils.tensorboard import SummaryWriter
 from experiments.log import file_logger
 from experiments.record import RunRecord, Tag
 
+QUEUE_EVENTS = 1024
+
 
 def tb_dir(job_dir: Path, rank: int) -> Path:
     # One writer per directory: two writers in one folder confuse TensorBoard.
@@ -29,7 +31,10 @@ class TensorBoardSink:
 
     def __init__(self, job_dir: Path, rank: int, total_steps: int, purge_step: int | None = None) -> None:
         self.rank, self.total = rank, total_steps
-        self.writer = SummaryWriter(str(tb_dir(job_dir, rank)), purge_step=purge_step)
+        # A log step queues one event per step of its interval, and more on sampled steps. With
+        # torch's default queue of 10, the 11th waited for TensorBoard's thread to checksum the
+        # others in pure Python: ~0.45 ms per log step on 2 ranks. Long enough, the queue never blocks.
+        self.writer = SummaryWriter(str(tb_dir(job_dir, rank)), max_queue=QUEUE_EVENTS, purge_step=purge_step)
         self.bar = None
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
