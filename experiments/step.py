@@ -24,15 +24,12 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _holders(p: Tensor, ranks_per_stage: int) -> int:
+def _holders(p: DTensor, ranks_per_stage: int) -> int:
     """How many ranks hold the same values of p's gradient (its copies across the world).
 
-    A plain tensor is whole on every rank of its pipeline stage. A DTensor is split over its mesh
-    and copied along the mesh dims where it is replicated, and across the stage's ranks outside
-    its mesh.
+    A DTensor is split over its mesh and copied along the mesh dims where it is replicated, and
+    across the stage's ranks outside its mesh.
     """
-    if not isinstance(p, DTensor):
-        return ranks_per_stage
     mesh = p.device_mesh
     copies = ranks_per_stage // mesh.size()
     for dim, placement in enumerate(p.placements):
@@ -43,19 +40,47 @@ def _holders(p: Tensor, ranks_per_stage: int) -> int:
     return copies
 
 
+def _stage_index(mesh: DeviceMesh) -> int:
+    """This rank's place among the ranks of its pipeline stage (0 .. ranks per stage - 1)."""
+    coordinate = mesh.get_coordinate()
+    assert coordinate is not None and mesh.mesh_dim_names is not None
+    index = 0
+    for name, size, c in zip(mesh.mesh_dim_names, mesh.mesh.shape, coordinate, strict=True):
+        if name != "pp":
+            index = index * int(size) + c
+    return index
+
+
+def _share(params: list[nn.Parameter], ranks: int, mine: int) -> list[nn.Parameter]:
+    """This rank's share of parameters that every rank holds.
+
+    Dealt largest first, in turn: each rank gets as many tensors as any other (small ones cost a
+    kernel call each, whatever their size) and about as many elements. Every rank deals the same
+    parameter order the same way.
+    """
+    order = sorted(range(len(params)), key=lambda i: -params[i].numel())
+    return [params[i] for i in sorted(order[mine::ranks])]
+
+
 class GradNorm:
     """The global gradient norm from one local sum of squares per step.
 
     Each rank sums the squares of its local gradient shards, each divided by how many ranks hold
     the same values; summing that over the world (one all-reduce, on log steps) gives the norm's
-    square whatever the sharding, as torch's clip_grad_norm_ reduces a DTensor norm once.
+    square whatever the sharding, as torch's clip_grad_norm_ reduces a DTensor norm once. Plain
+    gradients, the same on every rank of a stage (DDP's), are split instead: each rank squares
+    its share of them once, rather than all of them to be divided.
     """
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh) -> None:
         per_stage = mesh.size() // mesh["pp"].size()
+        self.params = [p for p in model.parameters() if p.requires_grad]
         groups: dict[int, list[nn.Parameter]] = {}
-        for p in model.parameters():
-            if p.requires_grad:
+        plain = [p for p in self.params if not isinstance(p, DTensor)]
+        if plain:
+            groups[1] = _share(plain, per_stage, _stage_index(mesh)) if per_stage > 1 else plain
+        for p in self.params:
+            if isinstance(p, DTensor):
                 groups.setdefault(_holders(p, per_stage), []).append(p)
         self.groups = [(1.0 / h, ps) for h, ps in sorted(groups.items())]
         self.zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
@@ -64,7 +89,8 @@ class GradNorm:
     # Function call per parameter per step.
     @torch.no_grad()
     def local_grads(self) -> list[Tensor]:
-        return [_local(p.grad) for _, ps in self.groups for p in ps if p.grad is not None]
+        """Every local gradient on this rank, for clipping (not only those its norm share sums)."""
+        return [_local(p.grad) for p in self.params if p.grad is not None]
 
     @torch.no_grad()
     def local_sq(self) -> Tensor:
