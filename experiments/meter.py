@@ -1,9 +1,10 @@
 """The Meter owns measurement, so that measuring does not change what is measured.
 
 Between log steps the loop adds no host sync and no collective: each step's loss and gradient-norm
-share stay on the device, in small buffers. On a log step the Meter syncs the device once, reduces
-the buffered values in one all-reduce of a stacked vector, and writes them to TensorBoard at their
-own step numbers (one point per step). Throughput comes from the wall time of the clean steps in
+share stay on the device, in small buffers. On a log step the Meter starts one all-reduce of a
+stacked vector of the buffered values and goes on; the next step's end reads the result and writes
+it to TensorBoard at the values' own step numbers (one point per step). Nothing waits for that
+collective but a step that must: one that checkpoints, the last, and a stop. Throughput comes from the wall time of the clean steps in
 the interval; step 1 (warm-up, lazy init) and sampled steps are timed apart. Sampled steps run
 under the comm counter and the memory probes, which see every op and so cost time.
 """
@@ -109,6 +110,49 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class InFlight:
+    """A log step's values on their way to the host: the all-reduce started, not waited for.
+
+    `summed` is all-reduced in place; `kept` rides along unreduced. The host reads both later, so a
+    log step waits neither for the collective (a gloo all-reduce hands work between threads: ~0.6
+    ms on a busy 2-core box) nor, on a GPU, for the device to drain.
+    """
+
+    def __init__(self, summed: Tensor, kept: Tensor, world_size: int) -> None:
+        self.work = dist.all_reduce(summed, async_op=True) if world_size > 1 else None
+        self.summed, self.kept = summed, kept
+        self.ready: torch.cuda.Event | None = None
+        if summed.is_cuda:
+            if self.work is not None:
+                self.work.wait()  # NCCL: the current stream waits for the collective, the host does not
+            n = summed.numel()
+            self.host = torch.empty(n + kept.numel(), dtype=summed.dtype, pin_memory=True)
+            self.host[:n].copy_(summed, non_blocking=True)
+            self.host[n:].copy_(kept, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def values(self) -> list[float]:
+        if self.ready is not None:
+            self.ready.synchronize()  # this copy only, not the steps queued after it
+            return self.host.tolist()
+        if self.work is not None:
+            self.work.wait()
+        return self.summed.tolist() + self.kept.tolist()
+
+
+@dataclass
+class Interval:
+    """The steps of one log interval, between their log step and the step that reads their values."""
+
+    step: int  # the log step
+    first: int  # its first step
+    slots: list[int]  # where each step's values sit in the vector
+    lrs: list[float]
+    perf: dict[str, float]
+    values: InFlight
+
+
 class Meter:
     def __init__(
         self,
@@ -140,6 +184,7 @@ class Meter:
         self.sq_global: list[bool] = []
         self.lrs: list[float] = []
         self.first_step = self.first_buffered = state.step + 1
+        self.in_flight: Interval | None = None
         # The step after an evaluation may re-initialise what eval changed (a pipeline's stages
         # switch back to backward): timed apart like the first step.
         self.cold_step = 0
@@ -266,10 +311,16 @@ class Meter:
             self._finish_sample(step)
         else:
             sync(self.device)  # the first step: its warm-up stays out of the next clean stretch
-        if self.logs(step):
+        # The last interval's values have had a whole step to arrive.
+        stop = self._read() if self.in_flight is not None else False
+        if self.logs(step) or stop:
+            # A stop between log steps reduces this step's values too: the checkpoint holds them.
             self._pause()
-            return self._flush(step)
-        return False
+            self._reduce(step)
+            if stop or self.checkpoints(step):
+                # Checkpoints hold only values read, and checked finite.
+                stop = self._read() or stop
+        return stop
 
     def _finish_sample(self, step: int) -> None:
         sync(self.device)
@@ -298,8 +349,8 @@ class Meter:
         self._counter = None
 
     # ---- log steps ----
-    def _flush(self, step: int) -> bool:
-        """One collective for the whole interval: losses, grad-norm shares and the stop request."""
+    def _reduce(self, step: int) -> None:
+        """Start one collective for the whole interval: losses, grad-norm shares and the stop request."""
         # Each step has a fixed slot, by its step number: a ring all-reduce sums each position in
         # its own rank order, so a resumed run (whose first interval is shorter) must put step s
         # where the uninterrupted run put it to reduce it bit for bit the same.
@@ -311,32 +362,34 @@ class Meter:
             # Clipped steps already hold the global square: it rides along, outside the sum.
             vec[2 * w + 1 + slot if self.sq_global[i] else w + slot] = self.sq_buf[i]
         vec[2 * w] = torch.full((), float(signals.requested() is not None), device=self.device)
-        summed = torch.stack(vec[: 2 * w + 1])
-        if self.env.world_size > 1:
-            dist.all_reduce(summed)
-        values = torch.cat([summed, torch.stack(vec[2 * w + 1 :])]).tolist()
-        # Summed over the ranks that hold a loss, each counted once per copy: the mean.
-        losses = [values[s] * self.loss_scale for s in slots]
-        sqs = [values[w + s] + values[2 * w + 1 + s] for s in slots]
-        norms = [s**0.5 for s in sqs]
-        for i, loss in enumerate(losses):
-            if not math.isfinite(loss):
-                # Every rank holds the same reduced values, so every rank stops here, together.
-                raise NonFiniteLoss(
-                    f"loss is {loss} at step {self.first_buffered + i}: training stopped; the last "
-                    "good checkpoint is kept (lower train.lr, or set train.grad_clip)"
-                )
-        self.sink.series(self.first_buffered, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: self.lrs})
-        self.losses += losses
-        self.grad_norms += norms
-        perf = self._interval_perf()
-        self.sink.scalars(step, perf)
-        self.sink.log_step(step, self.t.steps, losses[-1], perf, self.log)
+        values = InFlight(torch.stack(vec[: 2 * w + 1]), torch.stack(vec[2 * w + 1 :]), self.env.world_size)
+        self.in_flight = Interval(step, self.first_buffered, slots, self.lrs, self._interval_perf(), values)
         self.loss_buf, self.sq_buf, self.sq_global, self.lrs = [], [], [], []
         self.first_buffered = step + 1
         self.clean_s = self.data_s = 0.0
         self.busy_pending = []
         self.clean_steps = 0
+
+    def _read(self) -> bool:
+        """The interval in flight, reduced: logged, checked; True if some rank was asked to stop."""
+        iv, self.in_flight = self.in_flight, None
+        assert iv is not None
+        w, values = self.window, iv.values.values()
+        # Summed over the ranks that hold a loss, each counted once per copy: the mean.
+        losses = [values[s] * self.loss_scale for s in iv.slots]
+        norms = [(values[w + s] + values[2 * w + 1 + s]) ** 0.5 for s in iv.slots]
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                # Every rank holds the same reduced values, so every rank stops here, together.
+                raise NonFiniteLoss(
+                    f"loss is {loss} at step {iv.first + i}: training stopped; the last "
+                    "good checkpoint is kept (lower train.lr, or set train.grad_clip)"
+                )
+        self.sink.series(iv.first, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: iv.lrs})
+        self.losses += losses
+        self.grad_norms += norms
+        self.sink.scalars(iv.step, iv.perf)
+        self.sink.log_step(iv.step, self.t.steps, losses[-1], iv.perf, self.log)
         return values[2 * w] > 0
 
     def _interval_perf(self) -> dict[str, float]:

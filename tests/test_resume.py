@@ -310,13 +310,23 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_loses_no_step(tmp_path):
         assert torch.equal(value, theirs[name]), name
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "every, kept",
+    [
+        # Each step checkpoints, so each step's values are read at once: step 1's checkpoint stays.
+        (("train.checkpoint_every=1",), [1]),
+        # Step 2 is a log step that does not checkpoint: its values are read at step 3's end.
+        (("train.log_every=2", "train.checkpoint_every=0"), []),
+    ],
+    ids=["read-at-its-step", "read-a-step-later"],
+)
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, every, kept):
     from tests.helpers import TINY, run
 
     job = tmp_path / "job"
     # lr 1e30: the first update overflows every later forward pass to inf, on any CPU.
-    proc = run([*TINY, "strategy=ddp", "train.lr=1e30", "train.checkpoint_every=1", f"hydra.run.dir={job}"])
+    proc = run([*TINY, "strategy=ddp", "train.lr=1e30", *every, f"hydra.run.dir={job}"])
     assert proc.returncode != 0
     assert "at step 2" in proc.stderr and "loss is" in proc.stderr, proc.stderr[-2000:]
-    assert [s for s, _ in complete_checkpoints(job)] == [1]
+    assert [s for s, _ in complete_checkpoints(job)] == kept
     assert not (job / "metrics.json").exists()
