@@ -54,9 +54,9 @@ def _stage_index(mesh: DeviceMesh) -> int:
 def _share(params: list[nn.Parameter], ranks: int, mine: int) -> list[nn.Parameter]:
     """This rank's share of parameters that every rank holds.
 
-    Dealt largest first, in turn: each rank gets as many tensors as any other (small ones cost a
-    kernel call each, whatever their size) and about as many elements. Every rank deals the same
-    parameter order the same way.
+    Dealt largest first, in turn: the ranks' counts of tensors differ by one at most (small ones
+    cost a kernel call each, whatever their size), and their elements about as little. With more
+    ranks than tensors some get none. Every rank deals the same parameter order the same way.
     """
     order = sorted(range(len(params)), key=lambda i: -params[i].numel())
     return [params[i] for i in sorted(order[mine::ranks])]
@@ -83,7 +83,7 @@ class GradNorm:
             if isinstance(p, DTensor):
                 groups.setdefault(_holders(p, per_stage), []).append(p)
         self.groups = [(1.0 / h, ps) for h, ps in sorted(groups.items())]
-        self.zero = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+        self.device = next(model.parameters()).device
 
     # Under no_grad, DTensor.to_local is an attribute read; with grad mode on it is an autograd
     # Function call per parameter per step.
@@ -105,7 +105,8 @@ class GradNorm:
             if weight != 1.0:
                 sq = sq * weight
             total = sq if total is None else total + sq
-        return self.zero if total is None else total
+        # A fresh zero: clipping all-reduces the result in place, and the Meter buffers it.
+        return torch.zeros((), dtype=torch.float32, device=self.device) if total is None else total
 
 
 @dataclass

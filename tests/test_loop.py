@@ -75,3 +75,35 @@ def test_no_host_sync_between_log_steps_on_cuda(tmp_path):
         tmp_path / "job",
     )
     assert len(m["losses"]) == 6
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_grad_norm_squares_each_replicated_gradient_once_across_the_ranks(world):
+    """DDP's gradients are whole on every rank: dealt out, each is squared by exactly one rank.
+    With more ranks than tensors (8 ranks, 4 tensors) some ranks square none, and still hand back
+    a zero of their own: clipping all-reduces it in place."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from experiments.step import GradNorm
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, float(2**i))
+    shares = []
+    for rank in range(world):
+        # A fake process group: the mesh's coordinates without processes.
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            norm = GradNorm(model, init_device_mesh("cpu", (1, world), mesh_dim_names=("pp", "dp")))
+        finally:
+            dist.destroy_process_group()
+        assert len(norm.local_grads()) == 4  # clipping scales every gradient, not only the share
+        first = norm.local_sq()
+        shares.append(first.item())
+        first.add_(1.0)
+        assert norm.local_sq().item() == shares[-1]
+    whole = sum(float(p.grad.square().sum()) for p in model.parameters())
+    assert sum(shares) == pytest.approx(whole, rel=1e-6)  # a tensor missed or doubled moves it by >= 12
+    assert shares.count(0.0) == max(0, world - 4)
