@@ -38,7 +38,7 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         for step in range(state.step + 1, t.steps + 1):
             stopped = metered_step(run, step)
             if run.evaluator is not None and run.evaluator.due(step) and not stopped:
-                meter.evaluate(step, run.evaluator.run)
+                stopped = meter.evaluate(step, run.evaluator.run)
             if stopped or meter.checkpoints(step):
                 t0 = time.perf_counter()
                 path = checkpoint.save(state, job_dir, meter.progress(), t.keep_checkpoints)

@@ -313,7 +313,7 @@ class Meter:
         else:
             sync(self.device)  # the first step: its warm-up stays out of the next clean stretch
         # The last interval's values have had a whole step to arrive.
-        stop = self._read() if self.in_flight is not None else False
+        stop = self._read_in_flight()
         if self.logs(step) or stop:
             # A stop between log steps reduces this step's values too: the checkpoint holds them.
             self._pause()
@@ -371,6 +371,17 @@ class Meter:
         self.busy_pending = []
         self.clean_steps = 0
 
+    def _read_in_flight(self) -> bool:
+        """Read the interval in flight, if any, off the clean steps' clock: its logging is no more
+        a step's cost than it was on the log step, where it used to run."""
+        if self.in_flight is None:
+            return False
+        t0 = time.perf_counter()
+        stop = self._read()
+        if self.mark is not None:
+            self.mark += time.perf_counter() - t0
+        return stop
+
     def _read(self) -> bool:
         """The interval in flight, reduced: logged, checked; True if some rank was asked to stop."""
         iv, self.in_flight = self.in_flight, None
@@ -425,9 +436,15 @@ class Meter:
         return perf
 
     # ---- evaluation ----
-    def evaluate(self, step: int, run: Callable[[int, float], EvalResult]) -> EvalResult:
-        """Run an evaluation after `step`, outside the timed training steps and the wall time."""
+    def evaluate(self, step: int, run: Callable[[int, float], EvalResult]) -> bool:
+        """Run an evaluation after `step`, outside the timed training steps and the wall time.
+
+        The interval in flight is read first: a stop request or a non-finite loss must come before
+        an evaluation, not after it. True: some rank was asked to stop, and nothing was evaluated.
+        """
         self._pause()
+        if self._read_in_flight():
+            return True
         t0 = time.perf_counter()
         result = run(step, self.training_s(t0))
         self.eval_s += time.perf_counter() - t0
@@ -441,7 +458,7 @@ class Meter:
                 " ".join(f"{k} {v:.5f}" for k, v in result.scalars().items()),
                 result.eval_s,
             )
-        return result
+        return False
 
     def training_s(self, now: float) -> float:
         """Seconds of training in this run so far, evaluations left out (a resumed run restarts it)."""

@@ -315,8 +315,9 @@ def test_a_killed_rank_restarts_from_the_checkpoint_and_loses_no_step(tmp_path):
     [
         # Each step checkpoints, so each step's values are read at once: step 1's checkpoint stays.
         (("train.checkpoint_every=1",), [1]),
-        # Step 2 is a log step that does not checkpoint: its values are read at step 3's end.
-        (("train.log_every=2", "train.checkpoint_every=0"), []),
+        # Step 2 is a log step that does not checkpoint: its values would be read at step 3's end,
+        # but the evaluation due at step 2 reads them first, and so never runs on broken weights.
+        (("train.log_every=2", "train.checkpoint_every=0", "train.eval_every=2"), []),
     ],
     ids=["read-at-its-step", "read-a-step-later"],
 )
@@ -329,4 +330,5 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert proc.returncode != 0
     assert "at step 2" in proc.stderr and "loss is" in proc.stderr, proc.stderr[-2000:]
     assert [s for s, _ in complete_checkpoints(job)] == kept
+    assert "eval step" not in proc.stderr + (job / "train.log").read_text()
     assert not (job / "metrics.json").exists()
