@@ -4,10 +4,10 @@ Between log steps the loop adds no host sync and no collective: each step's loss
 share stay on the device, in small buffers. On a log step the Meter starts one all-reduce of a
 stacked vector of the buffered values and goes on; the next step's end reads the result and writes
 it to TensorBoard at the values' own step numbers (one point per step). Nothing waits for that
-collective but a step that must: one that checkpoints, the last, an evaluation, and a stop. Throughput comes from
-the wall time of the clean steps in the interval; step 1 (warm-up, lazy init) and sampled steps
-are timed apart. Sampled steps run under the comm counter and the memory probes, which see every
-op and so cost time.
+collective but a step that must: one that checkpoints, the last, an evaluation, and a stop.
+Throughput comes from the wall time of the clean steps in the interval; step 1 (warm-up, lazy
+init) and sampled steps are timed apart. Sampled steps run under the comm counter and the memory
+probes, which see every op and so cost time.
 """
 
 from __future__ import annotations
