@@ -20,7 +20,7 @@ from experiments.step import train_step
 
 
 def metered_step(run: Run, step: int) -> bool:
-    """One optimizer step under the Meter; True on a log step where the ranks agreed to stop."""
+    """One optimizer step under the Meter; True once the ranks have agreed to stop."""
     t = run.cfg.train
     probe = run.meter.begin(step)
     result = train_step(

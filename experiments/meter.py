@@ -289,7 +289,7 @@ class Meter:
             self.mark = None
 
     def end(self, step: int, result: StepResult) -> bool:
-        """After the step; True on a log step where some rank was asked to stop (all ranks agree)."""
+        """After the step; True once the ranks agree that some rank was asked to stop."""
         if self.check_syncs:
             torch.cuda.set_sync_debug_mode("default")
         losses = result.losses
