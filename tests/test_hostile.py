@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, TINY
+from tests.procs import children
 
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (train.py is a script at the repo root)
@@ -100,19 +101,6 @@ TABLE = [
 ]
 
 
-def children() -> set[int]:
-    me = str(os.getpid())
-    found = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[1] == me:
-                    found.add(int(entry))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
 def cli(monkeypatch, capfd, *args: str) -> tuple[int, list[str]]:
     """`python train.py ARGS` in this process: (exit code, non-empty stderr lines)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
@@ -126,13 +114,13 @@ def cli(monkeypatch, capfd, *args: str) -> tuple[int, list[str]]:
 
 
 def rejected(monkeypatch, capfd, tmp_path: Path, *args: str) -> str:
-    before = children()
+    before = children(os.getpid())
     job = tmp_path / "job"
     code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={job}")
     assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("paralab: config error: "), lines
     assert not job.exists(), "a rejected job leaves no directory"
-    assert children() <= before, "a rejected job starts no process"
+    assert children(os.getpid()) <= before, "a rejected job starts no process"
     return lines[0]
 
 

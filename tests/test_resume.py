@@ -5,6 +5,8 @@ matches within float tolerance. The matrix is data, like the parity matrix."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -215,71 +217,21 @@ LONG = [
 ]
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _workers(launcher_pid: int) -> list[int]:
-    """The rank processes: children of the forkserver that the agent in train.py started."""
-    found = []
-    for child in _children(launcher_pid):
-        cmd = Path(f"/proc/{child}/cmdline").read_bytes()
-        if b"forkserver" in cmd:
-            found += _children(child)
-    return found
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)  # polling a condition, not a guess at how long something takes
-
-
-def _start(args: list[str]):
-    import subprocess
-    import sys
-
-    from tests.helpers import REPO, child_env
-
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=REPO,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
     from tests.helpers import run
+    from tests.procs import running
 
     whole = run_case(LONG, tmp_path / "whole")
     job = tmp_path / "job"
-    args = [*LONG, f"hydra.run.dir={job}"]
-    proc = _start(args)
-    try:
-        _wait_for(lambda: len(_workers(proc.pid)) == 2 and (job / "tb" / "rank1").is_dir(), 120, "training")
-        proc.send_signal(__import__("signal").SIGTERM)  # what scancel / preemption sends
-        proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    with running(job, LONG) as j:
+        j.ranks()
+        j.proc.send_signal(signal.SIGTERM)  # what scancel / preemption sends
+        j.finish(timeout=120)
     info = json.loads((job / "interrupted.json").read_text())
     assert info["signal"] == "SIGTERM" and 0 < info["step"] < 300, info
     assert (job / "checkpoints" / f"step_{info['step']}" / COMPLETE).is_file()
     assert not (job / "metrics.json").exists(), "an interrupted run must not look finished"
-    again = run(args)  # the requeued job: the same command
+    again = run([*LONG, f"hydra.run.dir={job}"])  # the requeued job: the same command
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((job / "metrics.json").read_text())
     assert resumed["losses"] == whole["losses"]
@@ -288,19 +240,21 @@ def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
 
 
 def test_a_killed_rank_restarts_from_the_checkpoint_and_loses_no_step(tmp_path):
+    from tests.procs import running, wait_for
+
     whole = run_case(LONG, tmp_path / "whole")
     job = tmp_path / "job"
-    proc = _start([*LONG, "launcher.max_restarts=1", "train.checkpoint_every=50", f"hydra.run.dir={job}"])
-    try:
-        _wait_for(lambda: (job / "checkpoints" / "step_50" / COMPLETE).is_file(), 120, "the first checkpoint")
-        victims = _workers(proc.pid)
-        assert len(victims) == 2, victims
-        os_kill = __import__("os").kill
-        os_kill(victims[1], __import__("signal").SIGKILL)  # a real kill, from outside
-        out, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    with running(job, [*LONG, "launcher.max_restarts=1", "train.checkpoint_every=50"]) as j:
+        wait_for(
+            lambda: (job / "checkpoints" / "step_50" / COMPLETE).is_file(),
+            120,
+            "the first checkpoint",
+            j.proc,
+        )
+        victim = j.ranks()[1]
+        os.kill(victim, signal.SIGKILL)  # a real kill, from outside
+        code, err, _ = j.finish(timeout=180)
+    assert code == 0, err[-3000:]
     m = json.loads((job / "metrics.json").read_text())
     assert len(m["losses"]) == 300
     assert m["losses"] == whole["losses"]
