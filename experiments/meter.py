@@ -313,7 +313,7 @@ class Meter:
         else:
             sync(self.device)  # the first step: its warm-up stays out of the next clean stretch
         # The last interval's values have had a whole step to arrive.
-        stop = self._read_in_flight()
+        stop = self._read()
         if self.logs(step) or stop:
             # A stop between log steps reduces this step's values too: the checkpoint holds them.
             self._pause()
@@ -371,21 +371,14 @@ class Meter:
         self.busy_pending = []
         self.clean_steps = 0
 
-    def _read_in_flight(self) -> bool:
-        """Read the interval in flight, if any, off the clean steps' clock: its logging is no more
-        a step's cost than it was on the log step, where it used to run."""
-        if self.in_flight is None:
+    def _read(self) -> bool:
+        """The interval in flight, if any, reduced: logged, checked; True if some rank was asked to
+        stop. Off the clean steps' clock: its logging is no more a step's cost than it was on the
+        log step, where it used to run."""
+        iv, self.in_flight = self.in_flight, None
+        if iv is None:
             return False
         t0 = time.perf_counter()
-        stop = self._read()
-        if self.mark is not None:
-            self.mark += time.perf_counter() - t0
-        return stop
-
-    def _read(self) -> bool:
-        """The interval in flight, reduced: logged, checked; True if some rank was asked to stop."""
-        iv, self.in_flight = self.in_flight, None
-        assert iv is not None
         w, values = self.window, iv.values.values()
         # Summed over the ranks that hold a loss, each counted once per copy: the mean.
         losses = [values[s] * self.loss_scale for s in iv.slots]
@@ -402,6 +395,8 @@ class Meter:
         self.grad_norms += norms
         self.sink.scalars(iv.step, iv.perf)
         self.sink.log_step(iv.step, self.t.steps, losses[-1], iv.perf, self.log)
+        if self.mark is not None:
+            self.mark += time.perf_counter() - t0
         return values[2 * w] > 0
 
     def _interval_perf(self) -> dict[str, float]:
@@ -443,7 +438,7 @@ class Meter:
         an evaluation, not after it. True: some rank was asked to stop, and nothing was evaluated.
         """
         self._pause()
-        if self._read_in_flight():
+        if self._read():
             return True
         t0 = time.perf_counter()
         result = run(step, self.training_s(t0))

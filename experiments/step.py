@@ -78,7 +78,7 @@ class GradNorm:
         groups: dict[int, list[nn.Parameter]] = {}
         plain = [p for p in self.params if not isinstance(p, DTensor)]
         if plain:
-            groups[1] = _share(plain, per_stage, _stage_index(mesh)) if per_stage > 1 else plain
+            groups[1] = _share(plain, per_stage, _stage_index(mesh))
         for p in self.params:
             if isinstance(p, DTensor):
                 groups.setdefault(_holders(p, per_stage), []).append(p)
