@@ -390,10 +390,9 @@ class Meter:
                     f"loss is {loss} at step {iv.first + i}: training stopped; the last "
                     "good checkpoint is kept (lower train.lr, or set train.grad_clip)"
                 )
-        self.sink.series(iv.first, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: iv.lrs})
+        self.sink.series(iv.first, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: iv.lrs}, iv.perf)
         self.losses += losses
         self.grad_norms += norms
-        self.sink.scalars(iv.step, iv.perf)
         self.sink.log_step(iv.step, self.t.steps, losses[-1], iv.perf, self.log)
         if self.mark is not None:
             self.mark += time.perf_counter() - t0

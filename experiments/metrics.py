@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.event_pb2 import Event
 from torch.utils.tensorboard import SummaryWriter
 
 from experiments.log import file_logger
@@ -45,13 +45,19 @@ class TensorBoardSink:
         self.shown = (purge_step or 1) - 1
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])
-        self.writer.file_writer.add_summary(summary, step)
+        # The event is built whole here: add_summary would build a Summary and then copy it.
+        event = Event()
+        for tag, value in values.items():
+            event.summary.value.add(tag=tag, simple_value=float(value))
+        self.writer.file_writer.add_event(event, step)
 
-    def series(self, first_step: int, values: dict[str, list[float]]) -> None:
-        """Per-step values of a log interval, each at its own step number."""
-        for i in range(len(next(iter(values.values())))):
-            self.scalars(first_step + i, {tag: series[i] for tag, series in values.items()})
+    def series(self, first_step: int, values: dict[str, list[float]], last: dict[str, float]) -> None:
+        """Per-step values of a log interval, each at its own step number; `last` joins the last
+        step's event (one event fewer for TensorBoard's writer thread to checksum)."""
+        n = len(next(iter(values.values())))
+        for i in range(n):
+            at_step = {tag: series[i] for tag, series in values.items()}
+            self.scalars(first_step + i, at_step if i < n - 1 else {**at_step, **last})
 
     def log_step(self, step: int, total: int, loss: float, perf: dict[str, float], log) -> None:
         if self.rank != 0:
