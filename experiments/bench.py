@@ -241,7 +241,7 @@ def rank0(value: float) -> float:
 VARIANTS = ("paralab", "unsampled", "hand")
 HEADER = (
     f"{'strategy':<8} {'size':<8} {'steps':>5}  {'paralab s':>9} {'unsampled s':>11} {'hand s':>8}"
-    f"  {'hand/paralab':>12} {'steady':>12} {'target':>7}        {'sampling':>8}"
+    f"  {'hand/paralab':>12} {'steady':>12} {'target':>7}        {'sampling':>8} {'stalled':>9}"
 )
 
 
@@ -251,16 +251,26 @@ def paired(walls: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(walls[a], walls[b], strict=True))
 
 
-def interval(pairs: list[tuple[float, float]]) -> tuple[float, float]:
-    """hand/paralab over all paired chunks (total time over total time: the throughput ratio, which
-    a mean of per-chunk ratios overstates when a few chunks are slowed a lot), and the half-width
-    of its 95 % confidence interval (the delta method for a ratio of means)."""
-    hand, paralab = zip(*pairs, strict=True)
+# A chunk that takes this many times its loop's median was stalled by the machine (another tenant,
+# a page-cache flush), not by either loop: paralab's slowest chunks (a sampled step with the comm
+# counter) take ~1.2 times its median.
+STALLED = 3.0
+
+
+def interval(pairs: list[tuple[float, float]]) -> tuple[float, float, int]:
+    """hand/paralab over the paired chunks: total time over total time (the throughput ratio, which
+    a mean of per-chunk ratios overstates when a few chunks are slowed a lot), the half-width of its
+    95 % confidence interval (the delta method for a ratio of means), and how many pairs were left
+    out because one of their chunks stalled (a single stall of a second would move a 200-pair
+    total by several percent either way)."""
+    medians = [statistics.median(side) for side in zip(*pairs, strict=True)]
+    kept = [pair for pair in pairs if all(t <= STALLED * m for t, m in zip(pair, medians, strict=True))]
+    hand, paralab = zip(*kept, strict=True)
     ratio = sum(hand) / sum(paralab)
-    if len(pairs) < 2:
-        return ratio, math.inf
-    spread = statistics.stdev(h - ratio * p for h, p in pairs)
-    return ratio, 1.96 * spread / (math.sqrt(len(pairs)) * statistics.fmean(paralab))
+    if len(kept) < 2:
+        return ratio, math.inf, len(pairs) - len(kept)
+    spread = statistics.stdev(h - ratio * p for h, p in kept)
+    return ratio, 1.96 * spread / (math.sqrt(len(kept)) * statistics.fmean(paralab)), len(pairs) - len(kept)
 
 
 def verdict(mean: float, half: float, target: float) -> str:
@@ -282,12 +292,13 @@ def row(
 ) -> str:
     med = {v: statistics.median(w) for v, w in walls.items()}
     ratio = paired(walls, "hand", "paralab")
-    mean, half = interval(steady)
+    mean, half, stalled = interval(steady)
     overhead = 100 * (paired(walls, "paralab", "unsampled") - 1)
     return (
         f"{strategy:<8} {size_name:<8} {steps:>5}  {med['paralab']:>9.3f} {med['unsampled']:>11.3f}"
         f" {med['hand']:>8.3f}  {ratio:>12.3f} {f'{mean:.3f}±{half:.3f}':>12}"
         f" {'>= ' + format(size.target, '.2f'):>7} {verdict(mean, half, size.target):<6} {overhead:>+7.1f}%"
+        f" {f'{stalled}/{len(steady)}':>9}"
     )
 
 
@@ -335,9 +346,10 @@ def main(argv: list[str]) -> int:
                         f"world={world} threads/rank={torch.get_num_threads()} repeats={args.repeats}: "
                         "median loop wall times (setup excluded)\n"
                         "hand/paralab = paralab's throughput relative to hand-written, the median of each "
-                        "repeat's ratio; steady = the same per step, built once, in alternating chunks, mean and "
-                        "95% interval (see steady_pairs); met/below/unsure = that interval against the target "
-                        "(shown, never enforced); sampling = cost of measure_every=50 over 0, paired as hand/paralab"
+                        "repeat's ratio; steady = the same per step, built once, in alternating chunks: total over "
+                        "total, with its 95% interval (see interval); met/below/unsure = that interval against the target "
+                        "(shown, never enforced); sampling = cost of measure_every=50 over 0, paired as hand/paralab; "
+                        f"stalled = steady pairs left out, a chunk over {STALLED:g}x its loop's median"
                     )
                     if not meaningful:
                         print(f"warning: {note}")

@@ -10,17 +10,23 @@ from experiments.bench import interval, verdict
 
 
 def test_the_steady_ratio_is_total_time_over_total_time_not_a_mean_of_ratios() -> None:
-    # One chunk slowed tenfold: the throughput ratio is 2/11, the mean of ratios would say 0.55.
-    ratio, half = interval([(1.0, 1.0), (1.0, 10.0)])
-    assert ratio == pytest.approx(2 / 11)
-    assert half > 0
+    # Half the chunks 1.5 times slower: throughput is 4/5 of hand's; a mean of ratios says 5/6.
+    ratio, half, stalled = interval([(1.0, 1.0), (1.0, 1.5), (1.0, 1.0), (1.0, 1.5)])
+    assert ratio == pytest.approx(4 / 5)
+    assert half > 0 and stalled == 0
+
+
+def test_a_chunk_the_machine_stalled_is_left_out_of_both_loops_totals() -> None:
+    steady = [(1.0, 1.1)] * 9
+    assert interval([*steady, (1.0, 30.0)]) == (*interval(steady)[:2], 1)
+    assert interval([*steady, (30.0, 1.1)]) == (*interval(steady)[:2], 1)
 
 
 def test_the_interval_shrinks_with_more_pairs_and_vanishes_without_spread() -> None:
-    assert interval([(1.0, 2.0)] * 5) == (0.5, 0.0)
+    assert interval([(1.0, 2.0)] * 5) == (0.5, 0.0, 0)
     noisy = [(1.0, 1.0 + 0.1 * (i % 3)) for i in range(9)]
-    _, few = interval(noisy)
-    _, many = interval(noisy * 4)
+    _, few, _ = interval(noisy)
+    _, many, _ = interval(noisy * 4)
     assert 0 < many < few / 1.8  # four times the pairs: about half as wide
     assert interval([(1.0, 1.0)])[1] == math.inf
 
