@@ -253,7 +253,7 @@ def paired(walls: dict[str, list[float]], a: str, b: str) -> float:
 
 # A chunk that takes this many times its loop's median was stalled by the machine (another tenant,
 # a page-cache flush), not by either loop: paralab's slowest chunks (a sampled step with the comm
-# counter) take ~1.2 times its median.
+# counter) take 1.2 to 1.4 times its median.
 STALLED = 3.0
 
 
@@ -265,19 +265,20 @@ def interval(pairs: list[tuple[float, float]]) -> tuple[float, float, int]:
     total by several percent either way)."""
     medians = [statistics.median(side) for side in zip(*pairs, strict=True)]
     kept = [pair for pair in pairs if all(t <= STALLED * m for t, m in zip(pair, medians, strict=True))]
+    left_out = len(pairs) - len(kept)
     hand, paralab = zip(*kept, strict=True)
     ratio = sum(hand) / sum(paralab)
     if len(kept) < 2:
-        return ratio, math.inf, len(pairs) - len(kept)
+        return ratio, math.inf, left_out
     spread = statistics.stdev(h - ratio * p for h, p in kept)
-    return ratio, 1.96 * spread / (math.sqrt(len(kept)) * statistics.fmean(paralab)), len(pairs) - len(kept)
+    return ratio, 1.96 * spread / (math.sqrt(len(kept)) * statistics.fmean(paralab)), left_out
 
 
-def verdict(mean: float, half: float, target: float) -> str:
+def verdict(ratio: float, half: float, target: float) -> str:
     """Met or below only where the whole interval says so: noise on a shared machine can say neither."""
-    if mean - half >= target:
+    if ratio - half >= target:
         return "met"
-    if mean + half < target:
+    if ratio + half < target:
         return "below"
     return "unsure"
 
@@ -288,17 +289,17 @@ def row(
     size: Size,
     steps: int,
     walls: dict[str, list[float]],
-    steady: list[tuple[float, float]],
+    pairs: list[tuple[float, float]],
 ) -> str:
     med = {v: statistics.median(w) for v, w in walls.items()}
     ratio = paired(walls, "hand", "paralab")
-    mean, half, stalled = interval(steady)
+    steady, half, stalled = interval(pairs)
     overhead = 100 * (paired(walls, "paralab", "unsampled") - 1)
     return (
         f"{strategy:<8} {size_name:<8} {steps:>5}  {med['paralab']:>9.3f} {med['unsampled']:>11.3f}"
-        f" {med['hand']:>8.3f}  {ratio:>12.3f} {f'{mean:.3f}±{half:.3f}':>12}"
-        f" {'>= ' + format(size.target, '.2f'):>7} {verdict(mean, half, size.target):<6} {overhead:>+7.1f}%"
-        f" {f'{stalled}/{len(steady)}':>9}"
+        f" {med['hand']:>8.3f}  {ratio:>12.3f} {f'{steady:.3f}±{half:.3f}':>12}"
+        f" {'>= ' + format(size.target, '.2f'):>7} {verdict(steady, half, size.target):<6} {overhead:>+7.1f}%"
+        f" {f'{stalled}/{len(pairs)}':>9}"
     )
 
 

@@ -32,7 +32,7 @@ def test_the_interval_shrinks_with_more_pairs_and_vanishes_without_spread() -> N
 
 
 @pytest.mark.parametrize(
-    ("mean", "half", "said"),
+    ("ratio", "half", "said"),
     [
         (0.97, 0.01, "met"),
         (0.95, 0.0, "met"),
@@ -41,5 +41,5 @@ def test_the_interval_shrinks_with_more_pairs_and_vanishes_without_spread() -> N
         (0.96, 0.02, "unsure"),
     ],
 )
-def test_met_or_below_only_where_the_whole_interval_says_so(mean: float, half: float, said: str) -> None:
-    assert verdict(mean, half, 0.95) == said
+def test_met_or_below_only_where_the_whole_interval_says_so(ratio: float, half: float, said: str) -> None:
+    assert verdict(ratio, half, 0.95) == said
