@@ -13,6 +13,7 @@ import torch.distributed as dist
 from experiments import checkpoint, signals
 from experiments.config import Config
 from experiments.distenv import RankEnv
+from experiments.evaluate import Evaluator
 from experiments.metrics import write_hparams
 from experiments.record import RunRecord, write_atomic
 from experiments.setup import Run, setup
@@ -35,6 +36,9 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     stopped = False
     try:
         meter.start()
+        if run.evaluator is not None and owes_evaluation(run.evaluator, state.step, meter.evals):
+            # A stop at an evaluation's step skipped it: the resumed run makes it up before going on.
+            meter.evaluate(state.step, run.evaluator.run)
         for step in range(state.step + 1, t.steps + 1):
             stopped = metered_step(run, step)
             if run.evaluator is not None and run.evaluator.due(step) and not stopped:
@@ -54,6 +58,11 @@ def train(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         return interrupted(run, job_dir)
     INTERRUPTED.unlink(job_dir)
     return finish(run, job_dir)
+
+
+def owes_evaluation(evaluator: Evaluator, step: int, evals: list[dict]) -> bool:
+    """Whether a run resumed at `step` lacks the evaluation due there."""
+    return step > 0 and evaluator.due(step) and all(e["step"] != step for e in evals)
 
 
 class INTERRUPTED:

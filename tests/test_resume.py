@@ -159,6 +159,28 @@ def check_resharded_resume(source: Case, target: Case, tmp_path: Path) -> None:
         assert ((value - theirs[name]).abs().max() / scale).item() <= 1e-4, name
 
 
+def test_a_resumed_run_makes_up_the_evaluation_due_at_its_first_step(tmp_path):
+    """The history a run resumes lacks the evaluation due at its step (a stop there skips it; here,
+    a source run that evaluated nothing): it runs first, in a fresh process, before any training
+    step. A pipeline, whose stages then switch from forward-only to training."""
+    case = [
+        *Case("pp", 2, G).overrides,
+        f"train.steps={STEPS}",
+        "train.eval_every=3",
+        "train.eval_samples=32",
+    ]
+    whole = run_case(case, tmp_path / "whole")
+    run_case(
+        [*case, f"train.steps={CUT}", "train.eval_samples=0", "train.objective=train_loss"],
+        tmp_path / "source",
+    )
+    resumed = run_case([*case, f"train.resume={tmp_path / 'source'}"], tmp_path / "target")
+    assert [e["step"] for e in whole["evals"]] == [CUT, STEPS]
+    for key in ("step", "val_loss", "val_ppl"):
+        assert [e[key] for e in resumed["evals"]] == [e[key] for e in whole["evals"]], key
+    assert resumed["losses"] == whole["losses"]
+
+
 def test_a_finished_job_dir_says_so_and_changes_nothing(tmp_path):
     from tests.helpers import TINY, run
 
@@ -217,24 +239,33 @@ LONG = [
 ]
 
 
+# Every log step checkpoints and evaluates: each reads its reduction at once, so a stop lands on
+# one, and skips the evaluation due there.
+EVALUATED = [*LONG, "train.checkpoint_every=10", "train.eval_every=10", "train.eval_samples=32"]
+
+
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
     from tests.helpers import run
     from tests.procs import running
 
-    whole = run_case(LONG, tmp_path / "whole")
+    whole = run_case(EVALUATED, tmp_path / "whole")
     job = tmp_path / "job"
-    with running(job, LONG) as j:
+    with running(job, EVALUATED) as j:
         j.ranks()
         j.proc.send_signal(signal.SIGTERM)  # what scancel / preemption sends
         j.finish(timeout=120)
     info = json.loads((job / "interrupted.json").read_text())
-    assert info["signal"] == "SIGTERM" and 0 < info["step"] < 300, info
+    assert info["signal"] == "SIGTERM" and 0 < info["step"] < 300 and info["step"] % 10 == 0, info
     assert (job / "checkpoints" / f"step_{info['step']}" / COMPLETE).is_file()
     assert not (job / "metrics.json").exists(), "an interrupted run must not look finished"
-    again = run([*LONG, f"hydra.run.dir={job}"])  # the requeued job: the same command
+    again = run([*EVALUATED, f"hydra.run.dir={job}"])  # the requeued job: the same command
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((job / "metrics.json").read_text())
     assert resumed["losses"] == whole["losses"]
+    # The evaluation the stop skipped is made up: the history has every one, with the same values.
+    assert [(e["step"], e["val_loss"]) for e in resumed["evals"]] == [
+        (e["step"], e["val_loss"]) for e in whole["evals"]
+    ]
     assert resumed["resumes"] == [{"from_step": info["step"], "restart": 0}]
     assert not (job / "interrupted.json").exists()
 
