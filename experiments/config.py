@@ -32,6 +32,17 @@ class LRSchedule(StrEnum):
 class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast
+    # Parameters and inputs in float64. For checking a strategy against one process: in fp32 a
+    # pre-activation within rounding of zero can land on either side of a ReLU when a kernel
+    # blocks its sums differently, and move that step's gradient by ~1e-3.
+    fp64 = "fp64"
+
+
+class MixedDtype(StrEnum):
+    """FSDP2's MixedPrecisionPolicy dtypes."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class Device(StrEnum):
@@ -108,8 +119,8 @@ class StrategyConfig:
     # FSDP2: True reshards parameters after forward (ZeRO-3), False keeps them (ZeRO-2).
     reshard_after_forward: bool = True
     # FSDP2 MixedPrecisionPolicy: param dtype for compute and grad-reduce dtype.
-    mp_param_dtype: Precision = Precision.fp32
-    mp_reduce_dtype: Precision = Precision.fp32
+    mp_param_dtype: MixedDtype = MixedDtype.fp32
+    mp_reduce_dtype: MixedDtype = MixedDtype.fp32
     # DeepSpeed (strategy=deepspeed): its ZeRO stage, 1 | 2 | 3.
     zero_stage: int = 3
     # Tensor parallel: shard norms/dropout along the sequence between the TP regions.

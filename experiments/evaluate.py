@@ -94,7 +94,7 @@ class Evaluator:
         try:
             for idx, real in eval_index_batches(self.n, self.batch, self.dp_rank, self.dp_size):
                 x, y = take(self.dataset, idx)
-                x, y = x.to(self.device), y.to(self.device)
+                x, y = self.ctx.inputs(x).to(self.device), y.to(self.device)
                 with self.ctx.autocast():
                     out = self.par.eval_forward(x, y)
                 if out is not None and self.counts:

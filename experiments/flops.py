@@ -33,6 +33,8 @@ def compute_dtype(cfg: Config, tf32_matmul: bool, tf32_conv: bool, has_conv: boo
     """The dtype the step's FLOPs run in: what the peak must be read for."""
     if cfg.train.precision == "bf16" or cfg.strategy.mp_param_dtype == "bf16":
         return "bf16"
+    if cfg.train.precision == "fp64":
+        return "fp64"
     if tf32_matmul or (has_conv and tf32_conv):
         return "tf32"
     return "fp32"
@@ -43,7 +45,7 @@ def datasheet_peak(device_name: str, dtype: str) -> float:
     name = device_name.lower()
     for key, peaks in PEAK_TFLOPS:
         if key.lower() in name:
-            return peaks[dtype] * 1e12
+            return peaks.get(dtype, 0.0) * 1e12  # no fp64 column: no MFU
     return 0.0
 
 

@@ -80,10 +80,10 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
 
     # Every rank builds the full model from one seed before sharding: identical initial weights
     # for every strategy and world size.
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, spec).to(device)
-    psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
     ctx = StrategyContext(cfg, device, loss_fn_for(spec))
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, spec).to(device=device, dtype=ctx.param_dtype)
+    psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
     flops_per_sample, has_conv = training_flops_per_sample(
         lambda: build_model(cfg.model, spec), spec, ctx.loss_fn
     )
@@ -103,6 +103,8 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     loader = iter(
         make_loader(dataset, cfg.dataset, micro_global, dp_rank, dp_size, cfg.seed, state.data_position)
     )
+    if t.precision == "fp64":
+        loader = ((ctx.inputs(x), y) for x, y in loader)
     if progress is not None and par.replay_on_resume:
         first = next(loader)
         replay_first_backward(par, first, device)

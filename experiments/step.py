@@ -100,8 +100,10 @@ class GradNorm:
             grads = [_local(p.grad) for p in params if p.grad is not None]
             if not grads:
                 continue
-            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
-            sq = torch.dot(norms, norms)
+            # At least fp32 (bf16 gradients), and fp64 ones as they are; the Meter buffers fp32.
+            dtype = torch.promote_types(grads[0].dtype, torch.float32)
+            norms = torch.stack(torch._foreach_norm(grads, 2.0, dtype=dtype))
+            sq = torch.dot(norms, norms).float()
             if weight != 1.0:
                 sq = sq * weight
             total = sq if total is None else total + sq

@@ -29,6 +29,16 @@ class StrategyContext:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return torch.float64 if self.cfg.train.precision == "fp64" else torch.float32
+
+    def inputs(self, x: Tensor) -> Tensor:
+        """A batch's inputs in the parameters' dtype (token ids stay integers)."""
+        if self.cfg.train.precision == "fp64" and x.is_floating_point():
+            return x.to(torch.float64)
+        return x
+
 
 class Engine:
     """A training engine that owns the optimizer step (DeepSpeed, a parameter server), so the loop

@@ -42,6 +42,8 @@ def check(cfg: Config) -> None:
     s = cfg.strategy
     if s.zero_stage not in STAGES:
         raise ConfigError(f"strategy.zero_stage={s.zero_stage} is not one of: 1, 2, 3")
+    if cfg.train.precision == "fp64":
+        raise ConfigError("strategy=deepspeed trains in fp32 or bf16, not train.precision=fp64")
     if not installed():
         raise ConfigError(f"strategy=deepspeed needs the optional extra: {INSTALL}")
 

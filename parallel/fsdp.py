@@ -12,7 +12,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
 from parallel.syncbn import sync_batchnorm
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp32 is no cast: the parameters' own dtype, which train.precision=fp64 makes float64.
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> None:

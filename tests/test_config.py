@@ -104,6 +104,7 @@ GPT = ["model=transformer", "dataset=tokens"]
         (["strategy=zero2", "strategy.reshard_after_forward=true"], "use strategy=fsdp"),
         (["strategy=tp", "strategy.sequence_parallel=true"], "sequence_parallel needs model=transformer"),
         (["model=transformer"], "needs a token dataset"),
+        (["strategy=deepspeed", "train.precision=fp64"], "deepspeed trains in fp32 or bf16"),
     ],
 )
 def test_strategy_rules_are_checked_before_launch(overrides, message):
