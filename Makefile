@@ -31,22 +31,22 @@ test-full: $(STAMP) ## run every test, including the 8-process and slow cases
 	$(PY) -m pytest -q $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: NCCL for ddp/fsdp/tp/pp/fsdp_tp, CUDA memory vs theory, MFU, bf16, bubble; one PASS/FAIL line each (on CPU: says it needs a GPU, exits 0)
-	$(PY) -m experiments.gpu_check
+	$(PY) -m experiments.report.gpu_check
 
 mutants: $(STAMP) ## run test selections under deliberately broken implementations; fails unless every mutant is caught (ARGS="--only tp_noop")
 	$(PY) -m tests.mutants.run $(ARGS)
 
 parity: $(STAMP) ## check a setting against single-process training: make parity STRATEGY=fsdp_tp WORLD=4 [ARGS=...]
-	$(PY) -m experiments.parity strategy=$(STRATEGY) launcher.nproc_per_node=$(WORLD) $(ARGS)
+	$(PY) -m experiments.report.parity strategy=$(STRATEGY) launcher.nproc_per_node=$(WORLD) $(ARGS)
 
 sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
 	$(PY) train.py -m strategy=single,ddp launcher.nproc_per_node=1,2 $(ARGS)
 
 compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=outputs/sweeps/<dir>], default the newest
-	$(PY) -m experiments.compare $(SWEEP)
+	$(PY) -m experiments.report.compare $(SWEEP)
 
 bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampled steps' share of the time vs < 2% (ARGS="--strategies ddp --sizes small --repeats 3")
-	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.bench $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.report.bench $(ARGS)
 
 tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/, on localhost (HOST=0.0.0.0 to serve other machines)
 	$(PY) -m tensorboard.main --logdir outputs --host $(HOST)

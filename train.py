@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import register_configs
-from experiments.job import outcomes, run_job, subdir_name
+from experiments.config.schema import register_configs
+from experiments.run.job import outcomes, run_job, subdir_name
 
 register_configs()
 OmegaConf.register_new_resolver("paralab_subdir", subdir_name, replace=True)
@@ -27,8 +27,8 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> int:
     """Run Hydra; a compose error (wrong key, value, option) is one line and exit code 2."""
-    from experiments.compose_errors import COMPOSE_ERRORS, compose_error_line
-    from experiments.jobdir import undo_sweep
+    from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
+    from experiments.run.jobdir import undo_sweep
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them
     outcomes.update(rejected=0, ran=0)
@@ -53,8 +53,8 @@ def cli() -> int:
 
 
 if __name__ == "__main__":
-    from experiments import worker
-    from experiments.slurm import check_submitit_installed
+    from experiments.run import worker
+    from experiments.run.slurm import check_submitit_installed
 
     check_submitit_installed(sys.argv[1:])
     # Started by hand under torchrun: only rank 0 runs Hydra (one job dir); the others follow it.

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 from data.sampler import ShardedBatchSampler
 from data.spec import DataSpec
 from data.tokens import TokenWindows
-from experiments.config import ConfigError, DatasetConfig
+from experiments.config.schema import ConfigError, DatasetConfig
 
 DATASETS = ("synthetic", "tokens", "mnist", "cifar10", "fake_images")
 

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 from data import dataset_spec
-from experiments.config import Config, ConfigError, DatasetConfig
+from experiments.config.schema import Config, ConfigError, DatasetConfig
 
 # What the real files hold: the model is built from the config, so the config must say this.
 REAL = {"mnist": ([1, 28, 28], 10), "cifar10": ([3, 32, 32], 10)}
@@ -127,7 +127,7 @@ def _check_cifar_md5(root: Path) -> None:
         if path.is_file() and not check_integrity(str(path), md5):
             raise ConfigError(
                 f"{path} fails its published MD5 (corrupt, or not CIFAR-10); delete it and use "
-                "dataset.download=true, or see README (Security) before setting dataset.verify_checksums=false"
+                "dataset.download=true, or see docs/security.md before setting dataset.verify_checksums=false"
             )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 
-from experiments.config import DatasetConfig
+from experiments.config.schema import DatasetConfig
 
 NORMALIZE = {"mnist": ((0.1307,), (0.3081,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from data.spec import DataSpec
-from experiments.config import ConfigError, ModelConfig
+from experiments.config.schema import ConfigError, ModelConfig
 from models.staged import StagedModel
 
 MODELS = ("mlp", "cnn", "resnet18", "transformer")
 IMAGE_MODELS = ("cnn", "resnet18")
 TP_MODELS = ("mlp", "transformer")  # models that declare a tensor-parallel plan
 # model.norm per model, first its default. sync_batch is BatchNorm that data-parallel strategies
-# synchronise over their ranks (parallel/syncbn.py), so they compute what one process computes.
+# synchronise over their ranks (parallel/strategies/syncbn.py), so they compute what one process computes.
 NORMS = {"cnn": ("group", "batch", "sync_batch"), "resnet18": ("batch", "sync_batch", "group")}
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 
 def norm_layer(kind: str) -> Callable[[int], nn.Module]:
-    """channels -> layer. sync_batch builds BatchNorm; data parallelism converts it (parallel/syncbn.py)."""
+    """channels -> layer. sync_batch builds BatchNorm; data parallelism converts it (parallel/strategies/syncbn.py)."""
     if kind == "group":
         return lambda c: nn.GroupNorm(min(4, c), c)
     return nn.BatchNorm2d

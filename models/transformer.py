@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.config import ModelConfig
+from experiments.config.schema import ModelConfig
 from models.staged import StagedModel
 
 

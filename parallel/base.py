@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from experiments.config import Config
-from experiments.optim import OptimizerSpec
+from experiments.config.schema import Config
+from parallel.optim import OptimizerSpec
 
 # (inputs, targets, loss scale, sync gradients this micro-step?) -> this rank's mean loss, or None
 ForwardBackward = Callable[[Tensor, Tensor, float, bool], Tensor | None]

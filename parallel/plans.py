@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from experiments.config import Config, ConfigError
+from experiments.config.schema import Config, ConfigError
 from models import TP_MODELS, num_blocks
 from parallel.mesh import Degrees
-from parallel.pipeline import SCHEDULES, V_SCHEDULES, is_multi_stage, stages_per_rank
 from parallel.registry import StrategySpec
+from parallel.strategies.pipeline import SCHEDULES, V_SCHEDULES, is_multi_stage, stages_per_rank
 
 
 def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:

@@ -6,11 +6,12 @@ branches on a strategy's name: validation, the theory and the report read these 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from experiments.config import Config, ConfigError, StrategyConfig
-from experiments.predict import (
+from experiments.config.schema import Config, ConfigError, StrategyConfig
+from parallel.costs import (
     CommTheory,
     MemoryModel,
     ddp_comm,
@@ -25,18 +26,19 @@ from experiments.predict import (
     tp_comm,
     zero1_comm,
 )
-from parallel.dataparallel import apply_dp
-from parallel.ddp import apply_ddp
-from parallel.deepspeed import DeepSpeedEngine, apply_deepspeed
-from parallel.deepspeed import check as check_deepspeed
-from parallel.fsdp import apply_fsdp
-from parallel.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
-from parallel.pipeline import apply_pipeline
-from parallel.ps import apply_ps
-from parallel.ps import check as check_ps
-from parallel.single import apply_single
-from parallel.tensor import apply_tp
-from parallel.zero import apply_zero1
+from parallel.mesh import Degrees
+from parallel.strategies.dataparallel import apply_dp
+from parallel.strategies.ddp import apply_ddp
+from parallel.strategies.deepspeed import DeepSpeedEngine, apply_deepspeed
+from parallel.strategies.deepspeed import check as check_deepspeed
+from parallel.strategies.fsdp import apply_fsdp
+from parallel.strategies.hybrid import apply_ddp_pp, apply_fsdp_tp, apply_fsdp_tp_pp
+from parallel.strategies.pipeline import apply_pipeline
+from parallel.strategies.ps import apply_ps
+from parallel.strategies.ps import check as check_ps
+from parallel.strategies.single import apply_single
+from parallel.strategies.tensor import apply_tp
+from parallel.strategies.zero import apply_zero1
 
 # The one strategy every other is checked against.
 REFERENCE = "single"
@@ -59,9 +61,9 @@ class StrategySpec:
     fixed_reshard: bool | None = None
     comm: CommTheory | None = None  # its collectives per step; None = not predicted
     shards: str = ""  # for the README table and --help
-    # What its implementation holds at each ZeRO stage (experiments/predict.py).
+    # What its implementation holds at each ZeRO stage (parallel/costs.py).
     memory: MemoryModel = torch_memory
-    # Strategy keys it reads that its other traits do not imply (experiments/keys.py).
+    # Strategy keys it reads that its other traits do not imply (experiments/run/keys.py).
     reads: frozenset[str] = frozenset()
     # Its name in records and reports where a key picks a variant (DeepSpeed's stage).
     label: Callable[[StrategyConfig], str] | None = None
@@ -136,7 +138,7 @@ STRATEGIES: dict[str, StrategySpec] = {
         reads=frozenset({"bucket_cap_mb", "zero_stage"}),  # its reduce/gather buckets; its stage
         comm=deepspeed_comm,
         check=check_deepspeed,
-        # Its engine says why (parallel/deepspeed.py) and refuses a load too, after launch.
+        # Its engine says why (parallel/strategies/deepspeed.py) and refuses a load too, after launch.
         resumable=DeepSpeedEngine.resumable,
         label=lambda s: f"deepspeed_zero{s.zero_stage}",
         shards="DeepSpeed's ZeRO: the batch + optimizer state (stage 1), grads (2), params (3)",
@@ -193,3 +195,37 @@ def get_spec(name: str) -> StrategySpec:
         return STRATEGIES[name]
     except KeyError:
         raise ConfigError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}") from None
+
+
+def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
+    """Degrees for `strategy` on `world_size` ranks: configured tp/pp, the `fill` dim takes the rest."""
+    spec = get_spec(strategy.name)
+    if spec.fill is None:
+        if world_size != 1:
+            raise ConfigError(
+                f"strategy={strategy.name} runs in one process, but the launcher starts {world_size}; "
+                "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"
+            )
+        return Degrees()
+    configured = {
+        "tp": strategy.tp if "tp" in spec.configured else 1,
+        "pp": strategy.pp if "pp" in spec.configured else 1,
+    }
+    for dim, value in configured.items():
+        if value < 1:
+            raise ConfigError(f"strategy.{dim}={value} must be >= 1")
+    for dim in ("tp", "pp"):
+        if dim not in spec.configured and dim != spec.fill and getattr(strategy, dim) != 1:
+            raise ConfigError(
+                f"strategy={strategy.name} does not use strategy.{dim}={getattr(strategy, dim)}; "
+                f"drop it, or pick a strategy with {dim} (e.g. strategy=fsdp_tp or strategy=ddp_pp)"
+            )
+    rest = math.prod(configured.values())
+    if world_size % rest:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp×pp = {rest} for strategy={strategy.name}; "
+            f"use a world size that is a multiple of {rest}"
+        )
+    degrees = dict(configured)
+    degrees[spec.fill] = world_size // rest
+    return Degrees(**degrees)

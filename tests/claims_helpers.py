@@ -23,11 +23,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from data import dataset_spec
-from experiments.config import load_frozen
+from experiments.config.schema import load_frozen
 from models import build_model
 from parallel.base import StrategyContext
-from parallel.mesh import build_mesh, resolve_degrees
-from parallel.registry import get_spec
+from parallel.mesh import build_mesh
+from parallel.registry import get_spec, resolve_degrees
 
 
 def load_resharded(job: Path, ckpt: Path, out: Path) -> None:

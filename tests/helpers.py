@@ -48,9 +48,9 @@ def train(job_dir: Path, *overrides: str, tiny: bool = True) -> dict:
 
 
 def compare(sweep_dir: Path) -> subprocess.CompletedProcess:
-    """`python -m experiments.compare <sweep dir>`, as a user runs it."""
+    """`python -m experiments.report.compare <sweep dir>`, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "experiments.compare", str(sweep_dir)],
+        [sys.executable, "-m", "experiments.report.compare", str(sweep_dir)],
         cwd=REPO,
         env=child_env(),
         capture_output=True,
@@ -69,7 +69,7 @@ def tb_scalars(run_dir: Path) -> dict[str, list[float]]:
 
 def start_agents(job_dirs: list[Path], *overrides: str) -> list[subprocess.Popen]:
     """One torchrun agent per "node" on this machine (node 1 first), 2 ranks each, one rendezvous."""
-    from parallel.launch import free_port
+    from parallel.loopback import free_port
 
     endpoint = f"launcher.rdzv_endpoint=127.0.0.1:{free_port()}"
     common = ["strategy=ddp", "launcher.nnodes=2", endpoint, *TINY, *overrides]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from experiments.bench import Pair, interval, sampling_cost, verdict
+from experiments.report.bench import Pair, interval, sampling_cost, verdict
 
 
 def pairs(*times: tuple[float, float], sampled: bool = False) -> list[Pair]:

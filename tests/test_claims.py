@@ -16,9 +16,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from experiments.config import DatasetConfig, LauncherConfig, ModelConfig, StrategyConfig, TrainConfig
-from experiments.parity import compose_config, run_case
-from parallel.deepspeed import installed as deepspeed_installed
+from experiments.config.schema import DatasetConfig, LauncherConfig, ModelConfig, StrategyConfig, TrainConfig
+from experiments.report.parity import compose_config, run_case
+from parallel.strategies.deepspeed import installed as deepspeed_installed
 from tests.helpers import REPO, TINY, child_env, run, start_agents, tb_scalars
 
 GROUPS = {
@@ -102,7 +102,7 @@ def test_help_lists_every_group_and_every_key_with_its_default():
         if f.name not in (shown.get(group) or {})
     ]
     missing += [] if "seed" in shown else ["seed"]
-    assert not missing, f"keys of experiments/config.py missing from --help: {missing}"
+    assert not missing, f"keys of experiments/config/schema.py missing from --help: {missing}"
     # ... each with the default a run without overrides gets.
     composed = OmegaConf.to_container(compose_config([]), resolve=True)
     composed.pop("hydra", None)
@@ -273,7 +273,7 @@ def test_sampled_steps_are_left_out_of_throughput(jobs, measure_every, perf_step
 
 
 def parity(*overrides: str) -> subprocess.CompletedProcess:
-    return python(["-m", "experiments.parity", *overrides], timeout=400)
+    return python(["-m", "experiments.report.parity", *overrides], timeout=400)
 
 
 def test_parity_exits_1_on_a_real_mismatch():
@@ -304,7 +304,7 @@ def test_parity_exits_0_when_the_setting_matches():
 
 def test_fsdp_checkpoint_from_4_ranks_loads_into_fsdp_on_2_ranks(jobs, tmp_path):
     from data import dataset_spec
-    from experiments.checkpoint import complete_checkpoints, load_full_model_state
+    from experiments.train.checkpoint import complete_checkpoints, load_full_model_state
     from models import build_model
 
     def fresh_model(overrides: list[str]):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from experiments.parity import run_case
-from experiments.record import METRICS_FILE, RunRecord
+from experiments.measure.record import METRICS_FILE, RunRecord
+from experiments.report.parity import run_case
 from tests.helpers import compare
 
 COMMON = [

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from experiments.config import Config, ConfigError, register_configs
-from experiments.validate import validate
+from experiments.config.schema import Config, ConfigError, register_configs
+from experiments.run.validate import validate
 from tests.helpers import REPO, run
 
 register_configs()

@@ -12,7 +12,7 @@ import torch
 from data import build_dataset, make_loader
 from data.checks import check_files
 from data.sampler import ShardedBatchSampler
-from experiments.config import ConfigError, DatasetConfig
+from experiments.config.schema import ConfigError, DatasetConfig
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 4])

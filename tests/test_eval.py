@@ -15,8 +15,8 @@ import torch
 from data import build_dataset, take
 from data.sampler import eval_index_batches
 from data.tokens import TokenWindows, markov_stream
-from experiments.config import DatasetConfig
-from experiments.parity import compose_config, run_case
+from experiments.config.schema import DatasetConfig
+from experiments.report.parity import compose_config, run_case
 from tests.helpers import TINY, run
 
 
@@ -110,7 +110,7 @@ def test_eval_shards_count_every_sample_exactly_once(n, dp):
 def test_short_run_beats_chance_and_returns_the_objective(tmp_path):
     from omegaconf import OmegaConf
 
-    from experiments.job import execute
+    from experiments.run.job import execute
 
     overrides = [*TINY, "strategy=single", "launcher=local", "train.steps=40", "train.eval_every=20"]
     overrides += ["dataset.val_samples=200", "model.hidden=32"]
@@ -129,7 +129,7 @@ def test_short_run_beats_chance_and_returns_the_objective(tmp_path):
 
 
 def test_objective_can_be_the_training_loss_or_throughput(tmp_path):
-    from experiments.record import RunRecord
+    from experiments.measure.record import RunRecord
 
     m = run_case(
         [*TINY, "strategy=single", "launcher=local", "train.eval_samples=0", "train.objective=train_loss"],

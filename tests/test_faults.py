@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.config import ConfigError
-from experiments.parity import compose_config
-from experiments.validate import validate
+from experiments.config.schema import ConfigError
+from experiments.report.parity import compose_config
+from experiments.run.validate import validate
 from tests.helpers import TINY
 from tests.procs import Job, assert_all_gone, last_line, running
 
@@ -112,7 +112,7 @@ def test_the_summary_blames_the_rank_that_died_first(tmp_path):
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from parallel.launch import JobFailed, _child_failed
+    from experiments.run.launch import JobFailed, _child_failed
 
     error_file = tmp_path / "error.json"
     message = (
@@ -138,7 +138,7 @@ def test_the_summary_blames_the_rank_that_died_first(tmp_path):
 
 
 def test_communication_failures_are_told_apart_from_other_errors():
-    from experiments.worker import describe_failure
+    from experiments.run.worker import describe_failure
 
     timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv")
     message, peer_lost = describe_failure(timeout, 0, 10, joined=False)  # type: ignore[misc]

@@ -10,12 +10,12 @@ import torch
 from omegaconf import OmegaConf
 
 from data import dataset_spec
-from experiments.distenv import check_gpus
-from experiments.flops import compute_dtype, datasheet_peak, training_flops_per_sample
-from experiments.parity import compose_config
-from experiments.setup import loss_fn_for
-from experiments.theory import ring_bytes
+from experiments.measure.flops import compute_dtype, datasheet_peak, training_flops_per_sample
+from experiments.measure.theory import ring_bytes
+from experiments.report.parity import compose_config
+from experiments.train.setup import loss_fn_for
 from models import build_model
+from parallel.distenv import check_gpus
 from tests.helpers import REPO, child_env
 
 
@@ -93,7 +93,7 @@ def test_received_bytes_are_not_counted_as_sent():
 def test_gpu_check_on_cpu_says_it_needs_a_gpu_and_succeeds():
 
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.gpu_check"],
+        [sys.executable, "-m", "experiments.report.gpu_check"],
         cwd=REPO,
         env=child_env(),
         capture_output=True,

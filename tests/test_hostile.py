@@ -180,12 +180,12 @@ def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(
 ):
     from hydra import compose, initialize_config_dir
 
-    import parallel.deepspeed
-    from experiments.checkpoint import COMPLETE, step_dir
-    from experiments.config import save_frozen
+    import parallel.strategies.deepspeed
+    from experiments.config.schema import save_frozen
+    from experiments.train.checkpoint import COMPLETE, step_dir
 
     # The refusal is about the strategy, not about this machine: it reads the same with or without the extra.
-    monkeypatch.setattr(parallel.deepspeed, "installed", lambda: deepspeed_installed)
+    monkeypatch.setattr(parallel.strategies.deepspeed, "installed", lambda: deepspeed_installed)
 
     # A checkpoint only has to resolve: the refusal comes before anything reads it.
     source = tmp_path / "source"
@@ -206,7 +206,7 @@ def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(
     # Torch's strategies load it.
     from omegaconf import OmegaConf
 
-    from experiments.validate import validate
+    from experiments.run.validate import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         validate(OmegaConf.to_object(compose("config", overrides=[*TINY, f"train.resume={source}"])))
@@ -237,7 +237,7 @@ def test_a_rejected_job_leaves_an_existing_job_dir_as_it_was(monkeypatch, capfd,
 def test_a_rerun_never_overwrites_results_it_cannot_resume(monkeypatch, capfd, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from experiments.config import save_frozen
+    from experiments.config.schema import save_frozen
 
     args = [*TINY, "strategy=single", "launcher=local"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from experiments.parity import run_case
+from experiments.report.parity import run_case
 from tests.helpers import TINY, run, tb_scalars, train
 
 REQUIRED_SCALARS = {

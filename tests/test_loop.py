@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from data.sampler import ShardedBatchSampler
-from experiments.distenv import RankEnv
-from experiments.meter import timing_check
-from experiments.parity import run_case
+from experiments.report.parity import run_case
+from experiments.train.meter import timing_check
+from parallel.distenv import RankEnv
 from tests.helpers import TINY
 
 
@@ -86,7 +86,7 @@ def test_grad_norm_squares_each_replicated_gradient_once_across_the_ranks(world)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from experiments.step import GradNorm
+    from experiments.train.step import GradNorm
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
     for i, p in enumerate(model.parameters()):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.parity import run_case
+from experiments.report.parity import run_case
 from tests.helpers import compare
 from tests.test_parity import NEEDS_DEEPSPEED
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from data import dataset_spec
-from experiments.checkpoint import load_full_model_state
-from experiments.config import Config
-from experiments.measure import DS_PARTITION
-from experiments.parity import compose_config, deviations, reference_overrides, run_case, tolerance
+from experiments.config.schema import Config
+from experiments.report.parity import compose_config, deviations, reference_overrides, run_case, tolerance
+from experiments.train.checkpoint import load_full_model_state
 from models import build_model
-from parallel.deepspeed import INSTALL, installed
+from parallel.layout import DS_PARTITION
+from parallel.strategies.deepspeed import INSTALL, installed
 
 # Optional extras: their cases are skipped, saying why, where the extra is not installed.
 NEEDS_DEEPSPEED = pytest.mark.skipif(not installed(), reason=f"strategy=deepspeed needs: {INSTALL}")
@@ -324,7 +324,7 @@ def test_fp64_trains_and_checkpoints_every_parameter_in_float64(tmp_path):
     """The ResNet cases lean on it: a run that ignored train.precision=fp64 would pass them on most CPUs."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from experiments.checkpoint import step_dir
+    from experiments.train.checkpoint import step_dir
 
     got = run_case(
         [*COMMON, *MLP, "strategy=ddp", "launcher.nproc_per_node=2", "train.precision=fp64"], tmp_path

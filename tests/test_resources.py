@@ -1,6 +1,6 @@
 """The pre-launch memory check counts what the run's theory predicts: one formula for both.
 
-No process starts here: the theory's side is built as experiments/setup.py builds it on a rank,
+No process starts here: the theory's side is built as experiments/train/setup.py builds it on a rank,
 from a real (unsharded) model, which holds the same shapes where tp = pp = 1.
 """
 
@@ -10,14 +10,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from experiments.config import Config
-from experiments.parity import compose_config
-from experiments.predict import ModelSizes, Setting, optimizer_state_bytes_per_param, predict
-from experiments.record import Tag
-from experiments.resources import model_state_bytes_per_rank, parameter_count, zero1_largest_share
-from experiments.theory import Precision, zero_model_state_bytes
-from parallel.mesh import Degrees, resolve_degrees
-from parallel.registry import get_spec
+from experiments.config.schema import Config
+from experiments.measure.predict import predict
+from experiments.measure.record import Tag
+from experiments.measure.theory import Precision, zero_model_state_bytes
+from experiments.report.parity import compose_config
+from experiments.run.resources import model_state_bytes_per_rank, parameter_count, zero1_largest_share
+from parallel.costs import ModelSizes, Setting, optimizer_state_bytes_per_param
+from parallel.mesh import Degrees
+from parallel.registry import get_spec, resolve_degrees
 from tests.test_parity import GPT
 
 SMALL = ("model.hidden=32", "model.layers=2", "dataset.input_shape=[8]", "train.global_batch_size=16")
@@ -33,10 +34,10 @@ def _config(*overrides: str, world: int) -> tuple[Config, Degrees]:
 
 
 def _run_time_theory(cfg: Config, degrees: Degrees) -> float:
-    """theory/mem/model_state_bytes as a rank logs it (experiments/setup.py), for tp = pp = 1."""
+    """theory/mem/model_state_bytes as a rank logs it (experiments/train/setup.py), for tp = pp = 1."""
     from data import dataset_spec
-    from experiments.measure import tp_local_shapes
     from models import build_model
+    from parallel.layout import tp_local_shapes
 
     data = dataset_spec(cfg.dataset)
     model = build_model(cfg.model, data)

@@ -14,9 +14,9 @@ from typing import ClassVar
 import pytest
 import torch
 
-from experiments.checkpoint import COMPLETE, complete_checkpoints, resolve
-from experiments.parity import deviations, run_case
-from parallel.launch import JobFailed
+from experiments.report.parity import deviations, run_case
+from experiments.run.launch import JobFailed
+from experiments.train.checkpoint import COMPLETE, complete_checkpoints, resolve
 from tests import test_parity as parity
 from tests.test_parity import GPT, NEEDS_DEEPSPEED, full_params
 
@@ -122,9 +122,9 @@ def test_deepspeed_checkpoint_resumes_in_torch(source, target, tmp_path):
 def test_resuming_into_deepspeed_is_one_clear_error(tmp_path):
     from omegaconf import OmegaConf
 
-    from experiments.config import ConfigError
-    from experiments.job import execute
-    from experiments.parity import compose_config
+    from experiments.config.schema import ConfigError
+    from experiments.report.parity import compose_config
+    from experiments.run.job import execute
 
     ds = Case("deepspeed", 2, extra=("strategy.zero_stage=1",))
     run_case([*Case("ddp", 2).overrides, f"train.steps={CUT}"], tmp_path / "source")

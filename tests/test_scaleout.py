@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.config import ConfigError
-from experiments.nodes import node_problem
-from experiments.parity import compose_config
+from experiments.config.schema import ConfigError
+from experiments.report.parity import compose_config
+from experiments.run.nodes import node_problem
 from tests.helpers import REPO, TINY, child_env, run, start_agents
 
 
@@ -105,7 +105,7 @@ def _need_submitit() -> None:
 
 def test_each_node_of_a_slurm_job_joins_one_rendezvous_on_the_first_host(monkeypatch):
     _need_submitit()
-    from experiments.slurm import place_on_allocation
+    from experiments.run.slurm import place_on_allocation
 
     slurm = {
         "SUBMITIT_EXECUTOR": "slurm",

@@ -7,7 +7,7 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from experiments.theory import (
+from experiments.measure.theory import (
     FP32_ADAM,
     MIXED_ADAM,
     bubble_relative_to_ideal,
@@ -79,9 +79,9 @@ def test_fp32_adam_formulas():
 
 
 def _setting(*overrides: str, world: int):
-    from experiments.parity import compose_config
-    from experiments.predict import Setting
-    from parallel.mesh import resolve_degrees
+    from experiments.report.parity import compose_config
+    from parallel.costs import Setting
+    from parallel.registry import resolve_degrees
 
     cfg = OmegaConf.to_object(compose_config([*overrides, f"launcher.nproc_per_node={world}"]))
     d = resolve_degrees(cfg.strategy, world)
@@ -99,7 +99,7 @@ def _wire(payload) -> float:
 @pytest.mark.parametrize(("strategy", "stage"), [("ddp", "dp"), ("zero2", "os+g"), ("zero3", "os+g+p")])
 def test_the_running_comm_prediction_is_zero_section_7(strategy, stage):
     """ZeRO §7: DP and ZeRO-2 move 2Ψ per rank per step, ZeRO-3 3Ψ (ring, (N−1)/N each way)."""
-    from experiments.predict import ModelSizes
+    from parallel.costs import ModelSizes
     from parallel.registry import get_spec
 
     n, psi = 4, 64 * 32
@@ -126,7 +126,7 @@ def test_bubble_definitions_p4_m8():
 
 def test_the_running_tp_prediction_is_megatrons():
     """Megatron: 8·b·s·h·(t−1)/t elements moved per transformer layer, as the tp run predicts it."""
-    from experiments.predict import ModelSizes
+    from parallel.costs import ModelSizes
     from parallel.registry import get_spec
 
     t, layers = 4, 3
@@ -140,7 +140,7 @@ def test_the_running_tp_prediction_is_megatrons():
 
 def test_transformer_parameter_count_matches_our_model():
     from data.spec import DataSpec
-    from experiments.config import ModelConfig
+    from experiments.config.schema import ModelConfig
     from models import build_model
 
     h, v, layers, max_len = 32, 50, 3, 64

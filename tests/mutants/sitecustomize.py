@@ -62,7 +62,7 @@ def hit(what: str) -> None:
 
 
 def tp_noop(tensor) -> None:
-    """parallel.tensor: parallelize_module shards nothing and returns the module unchanged."""
+    """parallel.strategies.tensor: parallelize_module shards nothing and returns the module unchanged."""
 
     def parallelize_module(module, device_mesh=None, parallelize_plan=None, **kwargs):
         hit("parallelize_module")
@@ -72,7 +72,7 @@ def tp_noop(tensor) -> None:
 
 
 def ddp_sync_every_microstep(ddp) -> None:
-    """parallel.ddp: DistributedDataParallel.no_sync is a null context, so every micro-step syncs."""
+    """parallel.strategies.ddp: DistributedDataParallel.no_sync is a null context, so every micro-step syncs."""
     from contextlib import nullcontext
 
     def no_sync(self):
@@ -102,7 +102,7 @@ def autocast_ignored(base) -> None:
 
 
 def fsdp_full_params(fsdp) -> None:
-    """parallel.fsdp: fully_shard keeps the full parameters (and the module still takes
+    """parallel.strategies.fsdp: fully_shard keeps the full parameters (and the module still takes
     set_requires_gradient_sync, so accumulation runs)."""
 
     def fully_shard(module, **kwargs):
@@ -114,7 +114,7 @@ def fsdp_full_params(fsdp) -> None:
 
 
 def pp_wrong_blocks(pipeline) -> None:
-    """parallel.pipeline: the stages get the block groups in reverse order; the model still runs."""
+    """parallel.strategies.pipeline: the stages get the block groups in reverse order; the model still runs."""
     split = pipeline.split_blocks
 
     def split_blocks(names, num_stages):
@@ -125,7 +125,7 @@ def pp_wrong_blocks(pipeline) -> None:
 
 
 def zero1_unsharded(zero) -> None:
-    """parallel.zero: the ZeRO-1 optimizer is a plain one of the same class, full state on every rank."""
+    """parallel.strategies.zero: the ZeRO-1 optimizer is a plain one of the same class, full state on every rank."""
 
     def ZeroRedundancyOptimizer(params, optimizer_class, process_group=None, **kwargs):  # noqa: N802
         hit("ZeroRedundancyOptimizer")
@@ -150,12 +150,12 @@ def sampler_same_samples(sampler) -> None:
 
 # name -> (module to patch, patch)
 MUTANTS = {
-    "tp_noop": ("parallel.tensor", tp_noop),
-    "ddp_sync_every_microstep": ("parallel.ddp", ddp_sync_every_microstep),
+    "tp_noop": ("parallel.strategies.tensor", tp_noop),
+    "ddp_sync_every_microstep": ("parallel.strategies.ddp", ddp_sync_every_microstep),
     "autocast_ignored": ("parallel.base", autocast_ignored),
-    "fsdp_full_params": ("parallel.fsdp", fsdp_full_params),
-    "pp_wrong_blocks": ("parallel.pipeline", pp_wrong_blocks),
-    "zero1_unsharded": ("parallel.zero", zero1_unsharded),
+    "fsdp_full_params": ("parallel.strategies.fsdp", fsdp_full_params),
+    "pp_wrong_blocks": ("parallel.strategies.pipeline", pp_wrong_blocks),
+    "zero1_unsharded": ("parallel.strategies.zero", zero1_unsharded),
     "sampler_same_samples": ("data.sampler", sampler_same_samples),
 }
 

@@ -1,0 +1,125 @@
+"""The range of every number a user can set: one table, checked before any process starts.
+
+The structured config already types each key; this says which values of that type can run. Every
+float must also be finite: `train.lr=inf` composes as a float, and nan passes `< 0` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from experiments.config.schema import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Bound:
+    low: float
+    high: float | None = None
+    low_open: bool = False  # the low end itself is not allowed
+    high_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        above = v > self.low if self.low_open else v >= self.low
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (
+            f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        )
+
+
+AT_LEAST_1 = Bound(1)
+AT_LEAST_0 = Bound(0)
+ABOVE_0 = Bound(0, low_open=True)
+
+BOUNDS: dict[str, Bound] = {
+    "seed": Bound(0, 2**63 - 1),  # torch.manual_seed's range
+    "train.steps": AT_LEAST_1,
+    "train.global_batch_size": AT_LEAST_1,
+    "train.grad_accum_steps": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1,
+    "train.lr": ABOVE_0,
+    "train.momentum": Bound(0, 1, high_open=True),  # 1 or more never forgets a gradient: the run diverges
+    "train.weight_decay": AT_LEAST_0,
+    "train.grad_clip": AT_LEAST_0,
+    "train.warmup_steps": AT_LEAST_0,
+    "train.checkpoint_every": AT_LEAST_0,
+    "train.keep_checkpoints": AT_LEAST_0,
+    "train.measure_every": AT_LEAST_0,
+    "train.peak_tflops": AT_LEAST_0,
+    "train.eval_every": AT_LEAST_0,
+    "train.eval_samples": Bound(-1),  # -1: the whole held-out split
+    "strategy.tp": AT_LEAST_1,
+    "strategy.pp": AT_LEAST_1,
+    "strategy.bucket_cap_mb": ABOVE_0,
+    "strategy.microbatches": AT_LEAST_1,
+    "strategy.stages_per_rank": AT_LEAST_0,
+    "model.hidden": AT_LEAST_1,
+    "model.layers": AT_LEAST_1,
+    "model.ffn_mult": AT_LEAST_1,
+    "model.heads": AT_LEAST_1,
+    "model.channels": AT_LEAST_1,
+    "model.max_seq_len": AT_LEAST_1,
+    "dataset.num_samples": AT_LEAST_1,
+    "dataset.val_samples": AT_LEAST_1,
+    "dataset.num_classes": Bound(2),
+    "dataset.vocab_size": Bound(2),
+    "dataset.seq_len": AT_LEAST_1,
+    "dataset.num_workers": AT_LEAST_0,
+    "launcher.nproc_per_node": AT_LEAST_1,
+    "launcher.nnodes": AT_LEAST_1,
+    "launcher.node_rank": AT_LEAST_0,  # and < launcher.nnodes: experiments/run/launch.py:check_launcher
+    "launcher.max_restarts": AT_LEAST_0,
+    "launcher.threads_per_rank": AT_LEAST_0,
+    "launcher.timeout_s": ABOVE_0,  # 0 would read as unset (torch's default) in init_distributed
+    "launcher.join_timeout_s": ABOVE_0,
+    "launcher.grace_s": AT_LEAST_0,
+    "launcher.gpus_per_node": Bound(-1),  # -1: one per rank
+}
+
+# rdzv_id names torch's log folder inside the job dir and the rendezvous on the store.
+RDZV_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")
+
+
+def leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a config dataclass."""
+    if not dataclasses.is_dataclass(node):
+        return [(prefix, node)]
+    out: list[tuple[str, object]] = []
+    for f in dataclasses.fields(node):
+        out += leaves(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    return out
+
+
+def has_control_char(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def check_ranges(cfg: Config) -> None:
+    values = dict(leaves(cfg))
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        if isinstance(value, str) and has_control_char(value):
+            # A newline would start a line of its own in logs and in any script that carries it.
+            raise ConfigError(f"{key}={value!r} holds a control character (a newline?); remove it")
+    for key, bound in BOUNDS.items():
+        value = values.get(key)
+        if value is not None and not bound.holds(value):  # type: ignore[arg-type]
+            raise ConfigError(f"{key}={value} must be {bound}")
+    shape = cfg.dataset.input_shape
+    if not shape or any(d < 1 for d in shape):
+        raise ConfigError(
+            f"dataset.input_shape={list(shape)} must be one or more sizes >= 1, e.g. [32] or [3,32,32]"
+        )
+    if not RDZV_ID.fullmatch(cfg.launcher.rdzv_id):
+        raise ConfigError(
+            f"launcher.rdzv_id={cfg.launcher.rdzv_id} may hold only letters, digits, '_', '-' and '.' "
+            "(at most 64, starting with a letter or digit): it names a folder in the job dir"
+        )

@@ -1,0 +1,77 @@
+"""The papers' formulas and each strategy's cost model (parallel/costs.py), applied to one rank of
+one run, as the `theory/*` tags logged beside the measurements."""
+
+from __future__ import annotations
+
+from experiments.measure.record import Tag
+from experiments.measure.theory import (
+    Precision,
+    bubble_relative_to_ideal,
+    bubble_share_of_total,
+    ring_bytes,
+    zero_model_state_bytes,
+)
+from parallel.costs import CommTheory, MemoryModel, Setting, optimizer_state_bytes_per_param, torch_memory
+from parallel.strategies.pipeline import stages_per_rank
+
+
+def memory(stage: str | None, x: Setting, model: MemoryModel = torch_memory) -> dict[str, float]:
+    """The implementation's model state (`model`) and the paper's, as theory tags; {} where not
+    predicted (no ZeRO stage, or tensor/pipeline parallelism: a share depends on the plan)."""
+    d = x.degrees
+    if stage is None or d.tp * d.pp > 1:
+        return {}
+    cats = model(stage, x)
+    b, k = x.sizes.param_bytes, optimizer_state_bytes_per_param(x.cfg)
+    out = {Tag.theory_mem(c): v for c, v in cats.items()}
+    out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
+    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, x.sizes.psi, d.dp, Precision(b, b, k))
+    return out
+
+
+# ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
+
+
+def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
+    """Payload bytes S per collective per step, and the ring bytes this rank sends for them."""
+    payload = theory(x) if theory is not None else None
+    if payload is None:
+        return {}
+    world = x.degrees.world_size
+    if x.cfg.train.grad_clip > 0 and world > 1:
+        # Clipping needs the global norm every step: one fp32 scalar, summed over the world.
+        size, n, calls = payload.get("all_reduce", (0.0, world, 0))
+        payload = {**payload, "all_reduce": (size + 4, n, None if calls is None else calls + 1)}
+        clip_wire = ring_bytes("all_reduce", 4, world) - ring_bytes("all_reduce", 4, n)
+    else:
+        clip_wire = 0.0
+    out: dict[str, float] = {}
+    for coll, (size, n, calls) in payload.items():
+        out[Tag.theory_comm(coll, "bytes")] = size
+        out[Tag.theory_comm(coll, "wire_bytes")] = ring_bytes(coll, size, n)
+        if calls is not None:
+            out[Tag.theory_comm(coll, "calls")] = calls
+    if clip_wire:
+        out[Tag.theory_comm("all_reduce", "wire_bytes")] += clip_wire
+    return out
+
+
+def bubble(x: Setting) -> dict[str, float]:
+    s = x.cfg.strategy
+    if s.schedule not in ("gpipe", "1f1b", "interleaved1f1b"):
+        return {}
+    v = stages_per_rank(s.schedule, s.stages_per_rank)
+    m = s.microbatches * x.cfg.train.grad_accum_steps
+    return {
+        Tag.THEORY_BUBBLE: bubble_share_of_total(x.degrees.pp, m, v),
+        Tag.THEORY_BUBBLE_RELATIVE: bubble_relative_to_ideal(x.degrees.pp, m, v),
+    }
+
+
+def predict(spec, x: Setting) -> dict[str, float]:
+    """Every prediction for one rank of a run, from its strategy's registry entry."""
+    return {
+        **memory(spec.zero_stage(x.cfg.strategy), x, spec.memory),
+        **communication(spec.comm, x),
+        **(bubble(x) if spec.pipelined else {}),
+    }

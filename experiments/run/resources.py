@@ -1,0 +1,214 @@
+"""Will the job fit this machine? Ranks vs devices and open files, predicted model state vs memory,
+checkpoints vs disk: checked before launch, and a refusal says what does fit.
+
+The model-state bytes are the run-time theory's (parallel/costs.py's `memory`: what the
+strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
+parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
+bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations
+and torch's own buffers come on top, so a job that passes can still run out of memory; one that
+fails cannot run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from experiments.config.schema import Config, ConfigError
+from experiments.measure.theory import Precision, zero_model_state_bytes
+from parallel.mesh import Degrees
+
+if TYPE_CHECKING:
+    from models.staged import StagedModel
+    from parallel.costs import ModelSizes
+
+GiB = 2**30
+# What one CPU rank holds before its model: the interpreter, torch, gloo (its own pages; a rank
+# forked from the fork server measures ~0.45 GiB RSS, part of it shared).
+RANK_BASE_BYTES = GiB // 4
+# Open files the launcher keeps per local rank (pipes, error files, process sentinels).
+FDS_PER_RANK = 12
+FDS_SPARE = 64
+# The key that sizes each model, for "what fits" (resnet18 has a fixed size).
+SIZE_KNOBS = {"mlp": "hidden", "transformer": "hidden", "cnn": "channels"}
+
+
+def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
+    local = cfg.launcher.nproc_per_node
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fits = (soft - FDS_SPARE) // FDS_PER_RANK
+    if soft != resource.RLIM_INFINITY and local > fits:
+        raise ConfigError(
+            f"launcher.nproc_per_node={local} needs ~{local * FDS_PER_RANK + FDS_SPARE} open files, "
+            f"and `ulimit -n` is {soft}: at most {fits} ranks fit (or raise the limit)"
+        )
+    # Ranks against GPUs: validate's distenv.check_gpus, which runs first.
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    _check_memory(cfg, degrees, local, cuda)
+    _check_disk(cfg, job_dir)
+
+
+def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
+    """Model-state bytes (parameters, gradients, optimizer state) on one rank; the fullest, where ranks differ."""
+    from data import dataset_spec
+    from experiments.measure.predict import memory
+    from experiments.measure.record import Tag
+    from parallel.costs import Setting, optimizer_state_bytes_per_param
+    from parallel.registry import get_spec
+
+    spec = get_spec(cfg.strategy.name)
+    stage = spec.zero_stage(cfg.strategy)
+    model = _meta_model(cfg)
+    sizes = model_sizes(model, degrees.dp if stage == "os" else 1)
+    local_batch = cfg.train.global_batch_size // degrees.dp
+    x = Setting(cfg, degrees, sizes, local_batch, dataset_spec(cfg.dataset).seq_len)
+    theory = memory(stage, x, spec.memory)
+    if theory:
+        return theory[Tag.THEORY_MODEL_STATE]
+    # predict.memory makes no prediction under tensor or pipeline parallelism (a rank's share
+    # depends on the plan and the stage split), nor for strategies without a ZeRO stage (ps):
+    # the paper's fp32 formula on an even 1/(tp·pp) of the parameters, plain DP where no stage.
+    psi = sizes.psi / (degrees.tp * degrees.pp)
+    k = optimizer_state_bytes_per_param(cfg)
+    b = sizes.param_bytes
+    return zero_model_state_bytes(stage or "dp", psi, degrees.dp, Precision(b, b, k))
+
+
+def model_sizes(model: StagedModel, zero1_ranks: int = 1) -> ModelSizes:
+    """The sizes predict.memory reads, as setup measures them on the built model: here on an
+    unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
+
+    `zero1_ranks` > 1: ZeroRedundancyOptimizer's share of the rank that owns the most.
+    """
+    from parallel.costs import ModelSizes
+
+    numels = [p.numel() for p in model.parameters()]
+    share = zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None
+    return ModelSizes.of(model, sum(numels), next(model.parameters()).element_size(), assigned_psi=share)
+
+
+def zero1_largest_share(numels: list[int], ranks: int) -> int:
+    """Parameters whose optimizer state the fullest rank owns: ZeroRedundancyOptimizer assigns whole
+    parameters, largest first, each to the rank holding the fewest so far (its
+    _partition_parameters; one parameter group, as parallel/strategies/zero.py builds it)."""
+    held = [0] * ranks
+    for n in sorted(numels, reverse=True):
+        held[held.index(min(held))] += n
+    return max(held)
+
+
+def parameter_count(cfg: Config) -> int:
+    return sum(p.numel() for p in _meta_model(cfg).parameters())
+
+
+def _meta_model(cfg: Config) -> StagedModel:
+    from data import dataset_spec
+    from models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg.model, dataset_spec(cfg.dataset))
+
+
+def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:
+    state = model_state_bytes_per_rank(cfg, degrees)
+    have = (
+        min(torch.cuda.get_device_properties(i).total_memory for i in range(local))
+        if cuda
+        else _available_ram()
+    )
+    need = _need(cfg, degrees, local, cuda)
+    if need <= have:
+        return
+    model = (
+        f"{state / GiB:.2f} GiB of model state per rank: {parameter_count(cfg):,} parameters, "
+        f"strategy={cfg.strategy.name}, {cfg.train.optimizer}"
+    )
+    if cuda:
+        said = f"{model}; each GPU has {have / GiB:.1f} GiB"
+    else:
+        said = (
+            f"{local} ranks need ~{need / GiB:.1f} GiB of RAM ({model}; plus ~{RANK_BASE_BYTES / GiB:.2f} GiB "
+            f"per process), {have / GiB:.1f} GiB available"
+        )
+    hint = _what_fits(cfg, degrees, lambda c: _need(c, degrees, local, cuda) <= have)
+    ranks = int(have // (state + RANK_BASE_BYTES))
+    if not cuda and ranks >= 1:
+        hint.append(f"launcher.nproc_per_node <= {ranks}")
+    raise ConfigError(
+        f"{said}; what fits: {' or '.join(hint) or 'a smaller model, or more ranks to shard it'}"
+    )
+
+
+def _need(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> float:
+    state = model_state_bytes_per_rank(cfg, degrees)
+    return state if cuda else local * (state + RANK_BASE_BYTES)
+
+
+def _what_fits(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) -> list[str]:
+    """The largest model.hidden (or model.channels) that fits, found on meta-device models."""
+    import dataclasses
+
+    knob = SIZE_KNOBS.get(cfg.model.name)
+    if knob is None:
+        return []
+    step = cfg.model.heads * degrees.tp if knob == "hidden" and cfg.model.name == "transformer" else 1
+    step = math.lcm(step, degrees.tp) if knob == "hidden" else step
+
+    def sized(n: int) -> Config:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{knob: n * step}))
+
+    lo, hi = 0, max(1, getattr(cfg.model, knob) // step)
+    while lo < hi:  # the largest multiple n of `step` with sized(n) fitting; 0 if none does
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(sized(mid)) else (lo, mid - 1)
+    return [f"model.{knob} <= {lo * step}"] if lo else []
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def _check_disk(cfg: Config, job_dir: Path) -> None:
+    """Checkpoints hold the whole model and optimizer state; the newest `keep_checkpoints` (at
+    least one: the final one) stay, plus the one being written."""
+    from parallel.costs import optimizer_state_bytes_per_param
+
+    t = cfg.train
+    kept = (t.keep_checkpoints or max(1, t.steps // max(1, t.checkpoint_every))) + 1
+    need = parameter_count(cfg) * (4 + optimizer_state_bytes_per_param(cfg)) * kept + 2**20
+    existing = next((p for p in (job_dir, *job_dir.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ConfigError(
+            f"the disk holding {job_dir} has {free / 2**20:.0f} MiB free; this run's checkpoints need "
+            f"~{need / 2**20:.0f} MiB (train.keep_checkpoints={t.keep_checkpoints}); free space or use another hydra.run.dir"
+        )
+
+
+# Below this, a write can fail any moment: a disk this full explains an error that names another cause.
+DISK_FULL_BYTES = 16 * 2**20
+
+
+def disk_full(path: Path) -> str | None:
+    """One line saying the disk holding `path` is full, or None when it is not."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return None
+    if free >= DISK_FULL_BYTES:
+        return None
+    return f"the disk holding {path} is full ({free / 2**20:.1f} MiB free); free space and run the same command to resume"

@@ -1,0 +1,124 @@
+"""Cross-group rules, checked before any process starts. Each failure is one ConfigError line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from data import dataset_spec
+from data.checks import check_data
+from experiments.config.ranges import check_ranges
+from experiments.config.schema import Config, ConfigError, Objective
+from experiments.run.keys import check_used
+from experiments.run.launch import check_launcher
+from models import check_model_fits_data
+from parallel.distenv import check_gpus
+from parallel.mesh import Degrees
+from parallel.registry import STRATEGIES, get_spec, resolve_degrees
+
+
+def _check_eval(cfg: Config) -> None:
+    from models import NORMS
+
+    t, m = cfg.train, cfg.model
+    if t.eval_samples == 0 and t.objective == Objective.val_loss:
+        raise ConfigError(
+            "train.objective=val_loss needs evaluation; set train.eval_samples != 0 or another objective"
+        )
+    if m.norm and m.name not in NORMS:
+        raise ConfigError(
+            f"model.norm applies to {' and '.join(NORMS)}; model={m.name} has its own LayerNorms"
+        )
+    if m.norm and m.norm not in NORMS[m.name]:
+        raise ConfigError(f"model.norm={m.norm} is not one of: {', '.join(NORMS[m.name])}")
+    if m.norm == "sync_batch" and not get_spec(cfg.strategy.name).syncs_batchnorm:
+        users = [n for n, sp in STRATEGIES.items() if sp.syncs_batchnorm]
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} does not synchronise BatchNorm over its ranks (model.norm=sync_batch);"
+            f" use model.norm=group, or one of: {', '.join(users)}"
+        )
+
+
+def check_auto_resume(cfg: Config, job_dir: Path) -> None:
+    """train.resume=auto in a job dir that holds a checkpoint, under a strategy that cannot load it.
+
+    Apart from validate: only the job dir says whether auto finds a checkpoint.
+    """
+    from experiments.train.checkpoint import resolve
+
+    if cfg.train.resume != "auto" or get_spec(cfg.strategy.name).resumable:
+        return
+    source = resolve("auto", job_dir)
+    if source is not None:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} cannot resume from a checkpoint yet (train.resume=auto: {source}); "
+            f"resume it with another strategy: train.resume={job_dir} in a new hydra.run.dir"
+        )
+
+
+def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:
+    """Every rule that needs no process; `explicit`: the keys the user set on the command line."""
+    t, m = cfg.train, cfg.model
+    check_ranges(cfg)
+    _check_eval(cfg)
+    if m.name == "transformer" and m.hidden % m.heads:
+        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+    if t.resume not in ("auto", "never"):
+        from experiments.train.checkpoint import resolve
+
+        try:
+            source = resolve(t.resume, Path("."))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"train.resume={t.resume} holds no complete checkpoint; give a job dir or "
+                "<job dir>/checkpoints/step_<N>, or auto | never"
+            ) from None
+        if not get_spec(cfg.strategy.name).resumable:
+            raise ConfigError(
+                f"strategy={cfg.strategy.name} cannot resume from a checkpoint yet (train.resume={t.resume}: "
+                f"{source}); resume it with another strategy, or start over with train.resume=never"
+            )
+    check_launcher(cfg.launcher)
+    if world_size is None:
+        world_size = cfg.launcher.nnodes * cfg.launcher.nproc_per_node
+    # Where the ranks will run: under SLURM that is the compute node, not the login node.
+    problem = check_gpus(t.device, cfg.launcher.nproc_per_node, torch.cuda.device_count())
+    if problem:
+        raise ConfigError(problem)
+
+    spec = get_spec(cfg.strategy.name)
+    check_used(cfg, explicit)
+    preset = spec.fixed_reshard
+    if preset is not None and cfg.strategy.reshard_after_forward != preset:
+        raise ConfigError(
+            f"strategy={cfg.strategy.name} means reshard_after_forward={str(preset).lower()}; "
+            "use strategy=fsdp to choose it freely"
+        )
+    if spec.check is not None:
+        spec.check(cfg)
+    degrees = resolve_degrees(cfg.strategy, world_size)
+    check_data(cfg)
+    data = dataset_spec(cfg.dataset)
+    check_model_fits_data(cfg.model, data)
+
+    per_step = t.grad_accum_steps * degrees.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by grad_accum_steps × data-parallel "
+            f"size = {t.grad_accum_steps} × {degrees.dp}; use a multiple of {per_step}"
+        )
+    if cfg.dataset.num_samples < t.global_batch_size and cfg.dataset.name in (
+        "synthetic",
+        "tokens",
+        "fake_images",
+    ):
+        raise ConfigError(
+            f"dataset.num_samples={cfg.dataset.num_samples} is smaller than train.global_batch_size={t.global_batch_size}"
+        )
+    if spec.needs_tp_plan or spec.pipelined:
+        from parallel.plans import check_plans
+
+        check_plans(cfg, degrees, spec)
+    return degrees

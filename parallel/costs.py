@@ -1,0 +1,249 @@
+"""The papers' formulas applied to one run, in the same categories the measurements use.
+
+Two memory predictions are logged: `theory/paper_*` is the ZeRO paper's formula with this run's
+sizes; `theory/*` is what torch's implementation of the strategy must hold, which differs from the
+paper in three known, stated ways: FSDP2 in ZeRO-2 mode keeps each parameter's shard beside the
+gathered copy (in the paper's mixed-precision accounting that shard is the fp32 master copy inside
+K; its fp32 formula has no master copy), FSDP2 in ZeRO-3 mode keeps the root's own parameters
+(stem, head) gathered from forward into backward, and ZeroRedundancyOptimizer assigns whole
+parameters to ranks rather than an even split. Elsewhere the two agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from experiments.config.schema import Config
+from parallel.mesh import Degrees
+from parallel.strategies.pipeline import stage_ids, stages_per_rank
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    psi: int  # parameters of the whole model
+    param_bytes: int  # bytes per parameter element (4 for fp32 weights)
+    assigned_psi: int | None = None  # ZeRO-1: parameters whose optimizer state this rank owns
+    # This rank's parameters as tensor parallelism leaves them (whole where there is no TP), and
+    # how many blocks it holds: what FSDP shards and gathers, group by group.
+    local_shapes: tuple[tuple[int, ...], ...] = ()
+    blocks_here: int = 0
+    # Those of local_shapes outside the blocks (stem, head, final norm): FSDP's root group.
+    root_shapes: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def local_psi(self) -> int:
+        return sum(math.prod(s) for s in self.local_shapes) if self.local_shapes else self.psi
+
+    def padded_psi(self, n: int) -> int:
+        """Elements FSDP2 moves: each local parameter's dim 0 padded up to a multiple of n ranks."""
+        return padded(self.local_shapes, n) if self.local_shapes else self.psi
+
+    def padded_root(self, n: int) -> int:
+        return padded(self.root_shapes, n)
+
+    @classmethod
+    def of(cls, model: nn.Module, psi: int, param_bytes: int, assigned_psi: int | None = None) -> ModelSizes:
+        """This rank's `model` (TP-sharded, a pipeline stage, or whole), group by group as FSDP
+        shards it: its blocks, and the root's own parameters."""
+        from parallel.layout import tp_local_shapes
+
+        params = list(model.parameters())
+        blocks = getattr(model, "blocks", None)
+        in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
+        return cls(
+            psi,
+            param_bytes,
+            assigned_psi=assigned_psi,
+            local_shapes=tp_local_shapes(params),
+            blocks_here=len(blocks) if blocks is not None else 0,
+            root_shapes=tp_local_shapes(p for p in params if id(p) not in in_blocks),
+        )
+
+
+def padded(shapes: tuple[tuple[int, ...], ...], n: int) -> int:
+    return sum(math.ceil(s[0] / n) * n * math.prod(s[1:]) if s else n for s in shapes)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One rank of one run, as the formulas see it."""
+
+    cfg: Config
+    degrees: Degrees
+    sizes: ModelSizes
+    local_batch: int  # samples per data-parallel rank per optimizer step
+    seq_len: int
+    pp_rank: int = 0
+
+
+# collective -> (payload bytes S per step, group size, calls per step or None where not predicted);
+# the whole result is None where the strategy has no prediction.
+Payload = dict[str, tuple[float, int, int | None]]
+CommTheory = Callable[[Setting], Payload | None]
+
+
+def optimizer_state_bytes_per_param(cfg: Config) -> int:
+    if cfg.train.optimizer == "adamw":
+        return 8  # exp_avg + exp_avg_sq in fp32
+    return 4 if cfg.train.momentum else 0
+
+
+# (ZeRO stage, setting) -> bytes per category on this rank: what an implementation holds.
+MemoryModel = Callable[[str, Setting], dict[str, float]]
+
+
+def torch_memory(stage: str, x: Setting) -> dict[str, float]:
+    """What torch's DDP, ZeroRedundancyOptimizer and FSDP2 hold."""
+    n, m, b = x.degrees.dp, x.sizes, x.sizes.param_bytes
+    k = optimizer_state_bytes_per_param(x.cfg)
+    psi = m.psi
+    if stage == "dp":
+        return {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * psi}
+    if stage == "os":
+        owned = psi if m.assigned_psi is None else m.assigned_psi
+        return {"params": b * psi, "params_gathered": 0.0, "grads": b * psi, "optim": k * owned}
+    # ZeRO-2 holds every gathered parameter from forward into backward; ZeRO-3 only the root's
+    # own (FSDP2 keeps them for the backward that starts with them). Gathered copies live in
+    # FSDP2's padded all-gather buffers.
+    gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
+    return {
+        "params": b * psi / n,
+        "params_gathered": b * gathered,
+        "grads": b * psi / n,
+        "optim": k * psi / n,
+    }
+
+
+def deepspeed_memory(stage: str, x: Setting) -> dict[str, float]:
+    """What DeepSpeed 0.19's ZeRO holds (measured, and read from its stage_1_and_2.py / stage3.py).
+
+    Its optimizer steps an fp32 master copy of this rank's partition even when training in fp32:
+    the ZeRO paper's mixed-precision K counts that copy, its fp32 formula does not, so DeepSpeed
+    holds b·Ψ/N more optimizer state than the paper's fp32 formula. Stages 1 and 2 keep whole
+    parameters; stage 1 (its reduction waits for the step) whole gradients. Stage 3 gathers every
+    parameter for forward and keeps them into backward: one gathered copy, as FSDP2's ZeRO-2.
+    Stage 2's gradient buckets add a rank-dependent remainder to its gradient partition.
+    """
+    n, psi, b = x.degrees.dp, x.sizes.psi, x.sizes.param_bytes
+    k = optimizer_state_bytes_per_param(x.cfg)
+    whole_params = stage in ("os", "os+g")
+    return {
+        "params": b * psi if whole_params else b * psi / n,
+        "params_gathered": 0.0 if whole_params else b * psi,
+        "grads": b * psi if stage == "os" else b * psi / n,
+        "optim": (k + b) * psi / n,
+    }
+
+
+def no_comm(x: Setting) -> Payload:
+    return {}
+
+
+def ddp_comm(x: Setting) -> Payload:
+    # Every gradient of this rank's parameters once per step: no_sync keeps the inner micro-steps
+    # local. Calls are the buckets; predicted where the gradient fits in one.
+    size = x.sizes.param_bytes * x.sizes.local_psi
+    one_bucket = size <= x.cfg.strategy.bucket_cap_mb * 2**20
+    return {"all_reduce": (size, x.degrees.dp, 1 if one_bucket else None)}
+
+
+def zero1_comm(x: Setting) -> Payload:
+    # DDP's all-reduce, then each updated parameter broadcast from the rank that owns its state.
+    params = len(x.sizes.local_shapes) or None
+    return {**ddp_comm(x), "broadcast": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp, params)}
+
+
+def fsdp_comm(x: Setting) -> Payload:
+    # Forward gathers every parameter on each micro-step; ZeRO-3 gathers the blocks again for
+    # backward (ZeRO §7), but not the root's own parameters, which stay gathered into the backward
+    # that starts with them. Gradients are reduce-scattered once per step. One collective per FSDP
+    # group (each block, and the root); FSDP2 pads each local dim 0 to the group size.
+    n, b, a = x.degrees.dp_shard, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
+    total, root = x.sizes.padded_psi(n), x.sizes.padded_root(n)
+    gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
+    groups = x.sizes.blocks_here + 1
+    return {
+        "all_gather": (b * a * (gathers * (total - root) + root), n, a * (gathers * (groups - 1) + 1)),
+        "reduce_scatter": (b * total, n, groups),
+    }
+
+
+def tp_comm(x: Setting) -> Payload | None:
+    # Megatron: one all-reduce per column→row pair forward and one backward; a transformer layer
+    # has two pairs (attention, MLP), the MLP block one.
+    cfg = x.cfg
+    if cfg.strategy.sequence_parallel:
+        return None
+    h, a = cfg.model.hidden, cfg.train.grad_accum_steps
+    transformer = cfg.model.name == "transformer"
+    pairs = 2 if transformer else 1
+    layers = x.sizes.blocks_here
+    tokens = x.local_batch * (x.seq_len if transformer else 1) // a
+    return {"all_reduce": (4 * a * 2 * pairs * layers * tokens * h, x.degrees.tp, a * 2 * pairs * layers)}
+
+
+def fsdp_tp_comm(x: Setting) -> Payload | None:
+    tp = tp_comm(x)
+    return None if tp is None else {**fsdp_comm(x), **tp}
+
+
+def _boundary_features(cfg: Config, seq_len: int) -> int | None:
+    """Elements per sample that cross a stage boundary (the blocks' output), where it is one shape."""
+    if cfg.model.name == "mlp":
+        return cfg.model.hidden
+    if cfg.model.name == "transformer":
+        return seq_len * cfg.model.hidden
+    return None
+
+
+def pp_comm(x: Setting) -> Payload | None:
+    """Activations forward and their gradients back, at each boundary between two ranks' stages."""
+    cfg, pp = x.cfg, x.degrees.pp
+    features = _boundary_features(cfg, x.seq_len)
+    if features is None or cfg.train.precision != "fp32":
+        return None
+    s = cfg.strategy
+    v = stages_per_rank(s.schedule, s.stages_per_rank)
+    owner = {sid: r for r in range(pp) for sid in stage_ids(r, pp, v, s.schedule)}
+    n_micro = s.microbatches * cfg.train.grad_accum_steps
+    per_micro = x.local_batch // n_micro * features * 4
+    boundaries = 0
+    for i in range(pp * v - 1):
+        a, b = owner[i], owner[i + 1]
+        if a != b and x.pp_rank in (a, b):  # two stages on one rank hand over in memory
+            boundaries += 1  # forward one way, backward the other
+    if not boundaries:
+        return {}
+    each = (boundaries * n_micro * per_micro, 2, boundaries * n_micro)
+    return {"send": each, "recv": each}
+
+
+def deepspeed_comm(x: Setting) -> Payload | None:
+    """DeepSpeed's ZeRO, as measured with its fp32 defaults and one micro-step per step.
+
+    Stages 1 and 2 all-reduce the whole gradient (in buckets), then all-gather the updated
+    partitions of the flat parameter buffer (padded to a multiple of 2N elements); the gradient
+    norm is one more fp32 all-reduce. Stage 3 gathers the parameters once (coalesced) for forward,
+    reduce-scatters the gradients once, and reduces the norm in fp64.
+    """
+    n, b, psi = x.degrees.dp, x.sizes.param_bytes, x.sizes.psi
+    if n == 1 or x.cfg.train.grad_accum_steps != 1 or x.cfg.train.precision != "fp32":
+        return None
+    if x.cfg.strategy.zero_stage == 3:
+        padded = math.ceil(psi / n) * n
+        return {
+            "all_gather": (b * padded, n, None),
+            "reduce_scatter": (b * padded, n, None),
+            "all_reduce": (8, n, 1),
+        }
+    padded = math.ceil(psi / (2 * n)) * 2 * n
+    return {"all_reduce": (b * psi + 4, n, None), "all_gather": (b * padded, n, 1)}
+
+
+def ddp_pp_comm(x: Setting) -> Payload | None:
+    pp = pp_comm(x)
+    return None if pp is None else {**pp, **ddp_comm(x)}

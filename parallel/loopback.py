@@ -1,0 +1,108 @@
+"""Where ranks meet. On one node everything listens on loopback only; across nodes, the wait for
+the other nodes is said out loud and bounded by launcher.join_timeout_s.
+
+torch's stores listen on every interface, have no authentication and (the rendezvous state) are
+read with pickle. What torch offers to keep a single-node job off the network, used here:
+- the elastic agent's rendezvous can live in a FileStore (c10d backend, `store_type=file`);
+- `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` stops the agent from serving a TCPStore to its workers;
+  the workers' own store is then a TCPStore given an already-bound loopback socket
+  (`master_listen_fd`, see `loopback_store`);
+- gloo and NCCL pick their interface from `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` (`lo`),
+  TensorPipe (torch.distributed.rpc) from `TP_SOCKET_IFNAME`;
+- RPC builds its own store from an init_method URL: a rendezvous handler registered for
+  `paralab-loopback://` hands it `loopback_store`'s store instead (`loopback_init_method`).
+Multi-node jobs need the network: run them on a trusted network (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+from urllib.parse import parse_qsl, urlparse
+
+import torch.distributed as dist
+
+LOOPBACK = "127.0.0.1"
+# Read only through set_loopback_env: the launcher and the ranks must agree on it.
+_LOOPBACK_ENV = {
+    "GLOO_SOCKET_IFNAME": "lo",
+    "NCCL_SOCKET_IFNAME": "lo",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    "TP_SOCKET_IFNAME": "lo",
+}
+LOOPBACK_SCHEME = "paralab-loopback"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def set_loopback_env() -> list[str]:
+    """Keep a single-node job's sockets on loopback, in this process and the ones it starts.
+
+    A value the user set is kept. Returns the names it added, for a caller that takes them back.
+    """
+    added = {k: v for k, v in _LOOPBACK_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    return list(added)
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """set_loopback_env for the launcher while it runs one job: the next job of a sweep may be multi-node."""
+    added = set_loopback_env()
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def loopback_store(port: int, world_size: int, is_master: bool, timeout: timedelta) -> dist.TCPStore:
+    """A TCPStore whose server accepts connections on 127.0.0.1 only (torch's own binds to all
+    interfaces): rank 0 hands it a socket already bound to loopback."""
+    if not is_master:
+        return dist.TCPStore(LOOPBACK, port, world_size, False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, port))
+    listener.listen(256)
+    # detach: the store owns the listening fd from now on; Python must never close it under it.
+    return dist.TCPStore(
+        LOOPBACK, port, world_size, True, timeout=timeout, master_listen_fd=listener.detach()
+    )
+
+
+def _loopback_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **_: object):
+    """torch.distributed.rendezvous for `paralab-loopback://127.0.0.1:<port>`; rendezvous() adds
+    this rank and the world size to the query."""
+    parsed = urlparse(url)
+    query = dict(parse_qsl(parsed.query))
+    rank, world = int(query["rank"]), int(query["world_size"])
+    if parsed.port is None:
+        raise ValueError(f"{url}: no port")
+    yield loopback_store(parsed.port, world, rank == 0, timeout), rank, world
+    raise RuntimeError(f"{LOOPBACK_SCHEME}:// cannot rendezvous again")
+
+
+def loopback_init_method(port: int) -> str:
+    """An init_method URL for what builds its own store (RPC): its store then listens on loopback only."""
+    with contextlib.suppress(RuntimeError):  # registered by an earlier call in this process
+        dist.register_rendezvous_handler(LOOPBACK_SCHEME, _loopback_rendezvous)
+    return f"{LOOPBACK_SCHEME}://{LOOPBACK}:{port}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now; every job gets its own rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""One module per strategy: apply_x(model, mesh, ctx) -> Parallelized (parallel/base.py)."""
