@@ -70,7 +70,9 @@ def test_every_train_command_in_the_docs_composes(page, args):
 
 def test_every_make_target_in_the_docs_exists():
     targets = set(re.findall(r"^([a-z-]+):", (REPO / "Makefile").read_text(), re.M))
-    named = {t for page in PAGES for line in code_lines(page) for t in re.findall(r"\bmake ([a-z][a-z-]*)", line)}
+    named = {
+        t for page in PAGES for line in code_lines(page) for t in re.findall(r"\bmake ([a-z][a-z-]*)", line)
+    }
     assert named, "no make command found in the docs"
     assert named <= targets, f"the docs name make targets the Makefile lacks: {sorted(named - targets)}"
 

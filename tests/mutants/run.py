@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 PARITY = "tests/test_parity.py::test_matches_single_process"
 COMM = "tests/test_measure.py::test_communication_is_exactly_the_strategys_own"
 MEMORY = "tests/test_measure.py::test_model_state_memory_matches_theory"
+INDEPENDENT = "tests/test_independent.py"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,39 @@ MUTANTS = [
             "tests/test_data.py::test_ranks_together_see_exactly_the_single_process_batches[2]",
             f"{PARITY}[ddp-ws2-mlp]",
         ),
+    ),
+    # Shared pieces: the reference run shares them, so only the independent checks can catch these.
+    Mutant(
+        "lr_warmup_off_by_one",
+        "warmup starts at lr 0 and reaches the peak a step late",
+        (
+            f"{INDEPENDENT}::test_the_optimizer_that_steps_sees_the_schedules_closed_form_lr[constant-3-single]",
+        ),
+    ),
+    Mutant(
+        "adamw_coupled_decay",
+        "train.optimizer=adamw builds Adam: weight decay coupled into the gradient",
+        (f"{INDEPENDENT}::test_each_optimizer_step_is_the_update_computed_by_hand[adamw]",),
+    ),
+    Mutant(
+        "loss_label_smoothing",
+        "the training loss smooths its labels (0.1)",
+        (f"{INDEPENDENT}::test_the_training_loss_is_cross_entropy_by_hand[*]",),
+    ),
+    Mutant(
+        "clip_without_sqrt",
+        "clipping divides the bound by the squared norm",
+        (f"{INDEPENDENT}::test_clipping_scales_to_the_threshold_only_above_it[below-every-norm]",),
+    ),
+    Mutant(
+        "sampler_no_reshuffle",
+        "every epoch deals the first epoch's permutation",
+        (f"{INDEPENDENT}::test_the_sampler_deals_the_documented_permutation_and_resumes_exactly[2]",),
+    ),
+    Mutant(
+        "eval_counts_padding",
+        "the held-out metrics count the filler rows of the last batch",
+        (f"{INDEPENDENT}::test_held_out_accuracy_is_a_hand_count",),
     ),
 ]
 TIMEOUT_S = 1200

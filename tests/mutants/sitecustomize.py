@@ -148,6 +148,97 @@ def sampler_same_samples(sampler) -> None:
     cls.__init__ = __init__
 
 
+# ---- shared pieces: the single-process reference runs the same code, so parity cannot see these ----
+
+
+def lr_warmup_off_by_one(optim) -> None:
+    """parallel.optim: warmup starts at 0 and reaches lr a step late (step / warmup, not (step + 1) / warmup)."""
+    real = optim.lr_lambda
+
+    def lr_lambda(cfg, step):
+        if step < cfg.warmup_steps:
+            hit("lr_lambda")
+            return step / cfg.warmup_steps
+        return real(cfg, step)
+
+    optim.lr_lambda = lr_lambda
+
+
+def adamw_coupled_decay(optim) -> None:
+    """parallel.optim: train.optimizer=adamw builds Adam, whose weight decay is L2 in the gradient."""
+    import torch
+
+    real = optim.optimizer_spec
+
+    def optimizer_spec(cfg):
+        spec = real(cfg)
+        if spec.cls is torch.optim.AdamW:
+            hit("optimizer_spec")
+            return optim.OptimizerSpec(torch.optim.Adam, spec.kwargs)
+        return spec
+
+    optim.optimizer_spec = optimizer_spec
+
+
+def loss_label_smoothing(setup) -> None:
+    """experiments.train.setup: the training loss is cross-entropy with label smoothing 0.1."""
+    import torch.nn.functional as F
+
+    def loss_fn_for(spec):
+        def loss(logits, y):
+            hit("loss_fn")
+            if spec.task == "lm":
+                logits, y = logits.flatten(0, 1), y.flatten()
+            return F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+
+        return loss
+
+    setup.loss_fn_for = loss_fn_for
+
+
+def clip_without_sqrt(step) -> None:
+    """experiments.train.step: clipping scales by the bound over the squared norm, not the norm."""
+    import torch
+
+    def clip_(norm, sq, max_norm):
+        hit("clip_")
+        coef = torch.clamp(max_norm / (sq + 1e-6), max=1.0)
+        torch._foreach_mul_(norm.local_grads(), coef)
+
+    step.clip_ = clip_
+
+
+def sampler_no_reshuffle(sampler) -> None:
+    """data.sampler: every epoch deals the first epoch's permutation again."""
+    import torch
+
+    def index_batches(self):
+        hit("ShardedBatchSampler.index_batches")
+        per_epoch = self.n // self.batch
+        epoch, skip = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+            for start in range(skip * self.batch, self.n - self.batch + 1, self.batch):
+                yield order[start + self.offset : start + self.offset + self.local]
+            epoch, skip = epoch + 1, 0
+
+    sampler.ShardedBatchSampler.index_batches = index_batches
+
+
+def eval_counts_padding(evaluate) -> None:
+    """experiments.train.evaluate: the filler rows of the last held-out batch are counted as samples."""
+    import torch
+
+    real_sums = evaluate._sums
+
+    def _sums(logits, y, real):
+        if not bool(real.all()):
+            hit("evaluate._sums")
+        return real_sums(logits, y, torch.ones_like(real))
+
+    evaluate._sums = _sums
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -157,6 +248,12 @@ MUTANTS = {
     "pp_wrong_blocks": ("parallel.strategies.pipeline", pp_wrong_blocks),
     "zero1_unsharded": ("parallel.strategies.zero", zero1_unsharded),
     "sampler_same_samples": ("data.sampler", sampler_same_samples),
+    "lr_warmup_off_by_one": ("parallel.optim", lr_warmup_off_by_one),
+    "adamw_coupled_decay": ("parallel.optim", adamw_coupled_decay),
+    "loss_label_smoothing": ("experiments.train.setup", loss_label_smoothing),
+    "clip_without_sqrt": ("experiments.train.step", clip_without_sqrt),
+    "sampler_no_reshuffle": ("data.sampler", sampler_no_reshuffle),
+    "eval_counts_padding": ("experiments.train.evaluate", eval_counts_padding),
 }
 
 
