@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from experiments.report.parity import run_case
-from tests.helpers import TINY, run, tb_scalars, train
+from tests.helpers import REPO, TINY, run, tb_scalars, train
 
 REQUIRED_SCALARS = {
     "loss/train",
@@ -157,3 +159,20 @@ def test_multirun_one_dir_per_valid_job_named_from_overrides(tmp_path):
     # Same seed, same global batch: the three valid jobs trained the same trajectory.
     losses = [json.loads((sweep / n / "metrics.json").read_text())["losses"] for n in jobs]
     assert losses[0] == pytest.approx(losses[2], rel=1e-5) and losses[1] == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_a_forked_rank_imports_nothing_the_fork_server_could_have():
+    """What every rank runs before training imports nothing new after the fork server's preload:
+    an import there is paid again by every rank of every job (torch.use_deterministic_algorithms
+    importing torch._inductor.config was a third of a tiny 4-rank job's CPU)."""
+    code = (
+        "import sys, importlib, torch\n"
+        "from experiments.run.launch import FORKSERVER_PRELOAD\n"
+        "for m in FORKSERVER_PRELOAD: importlib.import_module(m)\n"
+        "before = set(sys.modules)\n"
+        "torch.use_deterministic_algorithms(True, warn_only=True)\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -43,13 +43,19 @@ def check_launcher(cfg: LauncherConfig) -> None:
         raise ConfigError(f"launcher.start_method={cfg.start_method}; choose forkserver or spawn")
 
 
+# What the fork server imports once, so that no forked rank imports it again. Every rank calls
+# torch.use_deterministic_algorithms, which imports torch._inductor.config (~0.5 s of CPU): that
+# import was a third of a 4-rank tiny job's CPU.
+FORKSERVER_PRELOAD = ["experiments.run.worker", "torch._inductor.config"]
+
+
 def _preload_forkserver(cfg: LauncherConfig) -> None:
     # The fork server imports torch and paralab once; every rank of every job in a sweep is then a
     # cheap fork of it instead of a fresh interpreter importing torch again (seconds per rank).
     if cfg.start_method == "forkserver":
         import multiprocessing
 
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["experiments.run.worker"])
+        multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
 
 
 class JobFailed(SystemExit):
