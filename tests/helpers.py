@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +94,26 @@ def start_agents(job_dirs: list[Path], *overrides: str) -> list[subprocess.Popen
         )
         for n in (1, 0)
     ][::-1]
+
+
+class SharedJobs:
+    """Jobs run once per test session and read by every test that needs them, whichever pytest
+    worker (pytest-xdist) asks first: the others wait on a file lock for that job, then read the
+    same job dir. Tests that only read a job's outputs share it; none may write into it."""
+
+    def __init__(self, tmp_path_factory, kind: str) -> None:
+        base = tmp_path_factory.getbasetemp()
+        # Each xdist worker has its own base temp inside the session's: share the session's.
+        session = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+        self.root = session / "shared-jobs" / kind
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, overrides: list[str], run: Callable[[list[str], Path], dict]) -> tuple[dict, Path]:
+        key = hashlib.sha1("\0".join(overrides).encode()).hexdigest()[:16]
+        job, done = self.root / key, self.root / f"{key}.json"
+        with open(self.root / f"{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, whatever happens
+            if not done.exists():
+                shutil.rmtree(job, ignore_errors=True)  # a run that failed in another worker
+                done.write_text(json.dumps(run(list(overrides), job)))
+        return json.loads(done.read_text()), job

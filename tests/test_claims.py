@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from experiments.config.schema import DatasetConfig, LauncherConfig, ModelConfig, StrategyConfig, TrainConfig
 from experiments.report.parity import compose_config, run_case
 from parallel.strategies.deepspeed import installed as deepspeed_installed
-from tests.helpers import REPO, TINY, child_env, run, start_agents, tb_scalars
+from tests.helpers import REPO, TINY, SharedJobs, child_env, run, start_agents, tb_scalars
 
 GROUPS = {
     "strategy": StrategyConfig,
@@ -46,16 +46,11 @@ GPT_TINY = [
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-    """Jobs run once per module through run_case (torchrun agent, forkserver ranks), keyed by config."""
-    root = tmp_path_factory.mktemp("claims")
-    done: dict[tuple[str, ...], tuple[dict, Path]] = {}
+    """Jobs run once per session through run_case (torchrun agent, forkserver ranks), keyed by config."""
+    shared = SharedJobs(tmp_path_factory, "claims")
 
     def job(*overrides: str) -> tuple[dict, Path]:
-        key = tuple(overrides)
-        if key not in done:
-            path = root / f"job{len(done)}"
-            done[key] = (run_case(list(overrides), path), path)
-        return done[key]
+        return shared.get(list(overrides), run_case)
 
     return job
 

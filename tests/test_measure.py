@@ -4,11 +4,12 @@ reported beside its theory; a sweep of these jobs turns into a report with one c
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from experiments.report.parity import run_case
-from tests.helpers import compare
+from tests.helpers import SharedJobs, compare
 from tests.test_parity import NEEDS_DEEPSPEED
 
 COMMON = [
@@ -36,19 +37,18 @@ COMM_REL = 0.01
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One directory of jobs, as a multirun would leave it; run lazily, once per case."""
-    root = tmp_path_factory.mktemp("sweep")
-    done: dict[tuple[str, ...], dict] = {}
+    """Jobs as a multirun would leave them, each run once per session (whichever test asks first)."""
+    shared = SharedJobs(tmp_path_factory, "measure")
+    names: dict[str, tuple[str, ...]] = {}
 
     def job(name: str, *overrides: str) -> dict:
         # Keyed by what runs, not by name: two tests that share a name must share the config too.
-        key = tuple(overrides)
-        if key not in done:
-            assert not (root / name).exists(), f"job name {name} reused for another config"
-            done[key] = run_case([*COMMON, *overrides], root / name)
-        return done[key]
+        assert names.setdefault(name, overrides) == overrides, f"job name {name} reused for another config"
+        metrics, path = shared.get([*COMMON, *overrides], run_case)
+        job.paths[name] = path  # type: ignore[attr-defined]
+        return metrics
 
-    job.root = root  # type: ignore[attr-defined]
+    job.paths = {}  # type: ignore[attr-defined]
     return job
 
 
@@ -229,11 +229,15 @@ def test_pipeline_bubble_is_measured_beside_theory(sweep, name, overrides, theor
         assert 0.0 <= r["pipeline/bubble_fraction"] < 1.0
 
 
-def test_compare_writes_report_csv_and_plots(sweep):
+def test_compare_writes_report_csv_and_plots(sweep, tmp_path):
     sweep("single-ws1", "strategy=single", "launcher=local", *MLP)
     sweep("ddp-ws2", "strategy=ddp", "launcher.nproc_per_node=2", *MLP)
     sweep("zero3-ws4", "strategy=zero3", "launcher.nproc_per_node=4", *MLP)
-    root = sweep.root
+    # A sweep dir of exactly these three jobs, named as a multirun names them.
+    root = tmp_path / "sweep"
+    root.mkdir()
+    for name in ("single-ws1", "ddp-ws2", "zero3-ws4"):
+        shutil.copytree(sweep.paths[name], root / name)
     proc = compare(root)
     assert proc.returncode == 0, proc.stderr
     report = (root / "report.md").read_text()
