@@ -1,6 +1,6 @@
 """GPT-style decoder: token + position embedding, pre-norm blocks (causal attention + MLP), norm, head.
 
-Its tensor-parallel plan and pipeline split points (the blocks) are declared here, beside the model.
+Its tensor-parallel plan (models/tp.py) and pipeline split points (the blocks) are declared here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from experiments.config.schema import ModelConfig
 from models.staged import StagedModel
+from models.tp import decoder_block_plan, sequence_parallel_edges
 
 
 class Attention(nn.Module):
@@ -73,45 +74,14 @@ class Transformer(StagedModel):
         self.head = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, vocab, bias=False))
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, object]:
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import (
-            ColwiseParallel,
-            PrepareModuleInput,
-            RowwiseParallel,
-            SequenceParallel,
+        return decoder_block_plan(
+            attention_in=("attention.wq", "attention.wk", "attention.wv"),
+            attention_out="attention.wo",
+            ffn_in=("feed_forward.w1",),
+            ffn_out="feed_forward.w2",
+            norms=("attention_norm", "ffn_norm"),
+            sequence_parallel=sequence_parallel,
         )
-
-        # Megatron: q/k/v and w1 split by columns (heads / hidden units), wo and w2 by rows, so each
-        # sublayer needs one all-reduce forward and one backward. With sequence parallelism the norms
-        # run on sequence shards and the all-reduce becomes reduce-scatter + all-gather.
-        between = Shard(1) if sequence_parallel else Replicate()
-        # One DTensor input per sublayer, shared by q/k/v (and w1): their input gradients add up as
-        # one partial sum and are reduced once, as in Megatron, not once per projection.
-        gather = PrepareModuleInput(
-            input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=False
-        )
-        plan: dict[str, object] = {
-            "attention": gather,
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=between),
-            "feed_forward": gather,
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=between),
-        }
-        if sequence_parallel:
-            plan |= {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
-        return plan
 
     def sequence_parallel_edges(self) -> dict[str, object]:
-        """Shard the embedding output along the sequence; gather it again before the head."""
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput
-
-        return {
-            "stem": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),)),
-            "head": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            ),
-        }
+        return sequence_parallel_edges()

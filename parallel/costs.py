@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from experiments.config.schema import Config
+from models import LM_MODELS
 from parallel.mesh import Degrees
 from parallel.strategies.pipeline import stage_ids, stages_per_rank
 
@@ -179,7 +180,7 @@ def tp_comm(x: Setting) -> Payload | None:
     if cfg.strategy.sequence_parallel:
         return None
     h, a = cfg.model.hidden, cfg.train.grad_accum_steps
-    transformer = cfg.model.name == "transformer"
+    transformer = cfg.model.name in LM_MODELS
     pairs = 2 if transformer else 1
     layers = x.sizes.blocks_here
     tokens = x.local_batch * (x.seq_len if transformer else 1) // a
@@ -195,7 +196,7 @@ def _boundary_features(cfg: Config, seq_len: int) -> int | None:
     """Elements per sample that cross a stage boundary (the blocks' output), where it is one shape."""
     if cfg.model.name == "mlp":
         return cfg.model.hidden
-    if cfg.model.name == "transformer":
+    if cfg.model.name in LM_MODELS:
         return seq_len * cfg.model.hidden
     return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from experiments.config.schema import Config, ConfigError
-from models import TP_MODELS, num_blocks
+from models import SP_MODELS, TP_MODELS, num_blocks, tp_split_sizes
 from parallel.mesh import Degrees
 from parallel.registry import StrategySpec
 from parallel.strategies.pipeline import SCHEDULES, V_SCHEDULES, is_multi_stage, stages_per_rank
@@ -17,16 +17,19 @@ def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
                 f"strategy={s.name} needs a tensor-parallel plan and model={m.name} has none; "
                 f"models with one: {', '.join(TP_MODELS)}"
             )
-        ffn = m.ffn_mult * m.hidden
-        for what, size in [("model.hidden", m.hidden), ("the MLP width ffn_mult×hidden", ffn)] + (
-            [("model.heads", m.heads)] if m.name == "transformer" else []
-        ):
+        for what, size in tp_split_sizes(m):
+            if size < degrees.tp and what == "model.kv_heads":
+                raise ConfigError(
+                    f"tp degree {degrees.tp} is more than {what} = {size}: each TP rank needs a kv head of "
+                    f"its own; use tp <= {size}, or more kv heads"
+                )
             if size % degrees.tp:
                 raise ConfigError(f"tp degree {degrees.tp} does not divide {what} = {size}")
     if s.sequence_parallel:
-        if m.name != "transformer" or not spec.needs_tp_plan:
+        if m.name not in SP_MODELS or not spec.needs_tp_plan:
             raise ConfigError(
-                "strategy.sequence_parallel needs model=transformer and a tensor-parallel strategy"
+                f"strategy.sequence_parallel needs model={' or model='.join(SP_MODELS)} and a "
+                "tensor-parallel strategy"
             )
         if degrees.pp > 1:
             raise ConfigError("strategy.sequence_parallel with pipeline stages is not supported; set pp=1")

@@ -36,6 +36,7 @@ class Bad:
 
 
 GPT = ("model=transformer", "dataset=tokens")
+LLAMA = ("model=llama", "dataset=tokens", "model.hidden=32", "model.heads=4", "model.kv_heads=2")
 # Each category of issue 9, with more than its example.
 TABLE = [
     # typos: a wrong option, key or value never runs the default experiment
@@ -98,6 +99,10 @@ TABLE = [
     # path and script injection
     Bad(("launcher.rdzv_id=../../x",), "launcher.rdzv_id"),
     Bad(("launcher.nnodes=2", "launcher.rdzv_endpoint='host\nx:29500'"), "launcher.rdzv_endpoint"),
+    # model shapes that cannot be split the way they are asked to
+    Bad((*LLAMA, "model.kv_heads=3"), "model.kv_heads=3", "kv heads that do not divide the heads"),
+    Bad((*LLAMA, "model.heads=8", "model.hidden=24"), "model.hidden", "an odd rotary head size"),
+    Bad((*LLAMA, "strategy=tp", "launcher.nproc_per_node=4"), "model.kv_heads", "tp above the kv heads"),
 ]
 
 

@@ -31,6 +31,17 @@ GPT = [
     "dataset.seq_len=16",
     "dataset.vocab_size=32",
 ]
+LLAMA = [
+    "model=llama",
+    "dataset=tokens",
+    "model.hidden=32",
+    "model.heads=4",
+    "model.kv_heads=2",
+    "model.layers=2",
+    "model.multiple_of=8",
+    "dataset.seq_len=16",
+    "dataset.vocab_size=32",
+]
 MEMORY_REL = 0.02
 COMM_REL = 0.01
 
@@ -200,6 +211,9 @@ def _check_comm(m: dict) -> None:
         ),
         ("mp-ws2-mlp", ["strategy=mp", "launcher.nproc_per_node=2", *MLP]),
         ("fsdp_tp-ws4-gpt", ["strategy=fsdp_tp", "launcher.nproc_per_node=4", *GPT]),
+        # Llama: grouped-query attention (kv heads split over TP) and SwiGLU (w1, w3 from one input).
+        ("tp-ws2-llama", ["strategy=tp", "launcher.nproc_per_node=2", *LLAMA]),
+        ("fsdp-ws2-llama", ["strategy=fsdp", "launcher.nproc_per_node=2", *LLAMA]),
         (
             "ddp_pp-ws4-gpt-accum",
             ["strategy=ddp_pp", "launcher.nproc_per_node=4", "train.grad_accum_steps=2", *GPT],

@@ -66,6 +66,10 @@ BOUNDS: dict[str, Bound] = {
     "model.heads": AT_LEAST_1,
     "model.channels": AT_LEAST_1,
     "model.max_seq_len": AT_LEAST_1,
+    "model.kv_heads": AT_LEAST_0,  # 0: one kv head per query head
+    "model.multiple_of": AT_LEAST_1,
+    "model.rope_theta": ABOVE_0,
+    "model.norm_eps": ABOVE_0,
     "dataset.num_samples": AT_LEAST_1,
     "dataset.val_samples": AT_LEAST_1,
     "dataset.num_classes": Bound(2),

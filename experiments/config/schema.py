@@ -133,13 +133,19 @@ class StrategyConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # mlp | cnn | resnet18 | transformer
+    name: str = MISSING  # mlp | cnn | resnet18 | transformer | llama
     hidden: int = 64
     layers: int = 4
     ffn_mult: int = 4
     heads: int = 4
     channels: int = 16
     max_seq_len: int = 256
+    # llama: kv heads for grouped-query attention (0 = one per query head), the SwiGLU width's
+    # rounding, the rotary base and RMSNorm's epsilon.
+    kv_heads: int = 0
+    multiple_of: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
     # cnn, resnet18: batch | sync_batch (BatchNorm synchronised over the data-parallel ranks) | group.
     # Empty: the model's own (cnn: group, resnet18: batch).
     norm: str = ""

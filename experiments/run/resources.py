@@ -23,6 +23,7 @@ import torch
 
 from experiments.config.schema import Config, ConfigError
 from experiments.measure.theory import Precision, zero_model_state_bytes
+from models import LM_MODELS
 from parallel.mesh import Degrees
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ RANK_BASE_BYTES = GiB // 4
 FDS_PER_RANK = 12
 FDS_SPARE = 64
 # The key that sizes each model, for "what fits" (resnet18 has a fixed size).
-SIZE_KNOBS = {"mlp": "hidden", "transformer": "hidden", "cnn": "channels"}
+SIZE_KNOBS = {"mlp": "hidden", "transformer": "hidden", "llama": "hidden", "cnn": "channels"}
 
 
 def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
@@ -158,7 +159,10 @@ def _what_fits(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) ->
     knob = SIZE_KNOBS.get(cfg.model.name)
     if knob is None:
         return []
-    step = cfg.model.heads * degrees.tp if knob == "hidden" and cfg.model.name == "transformer" else 1
+    step = 1
+    if knob == "hidden" and cfg.model.name in LM_MODELS:
+        # Whole heads; llama's rotary positions also need an even head size.
+        step = cfg.model.heads * degrees.tp * (2 if cfg.model.name == "llama" else 1)
     step = math.lcm(step, degrees.tp) if knob == "hidden" else step
 
     def sized(n: int) -> Config:

@@ -13,7 +13,7 @@ from experiments.config.ranges import check_ranges
 from experiments.config.schema import Config, ConfigError, Objective
 from experiments.run.keys import check_used
 from experiments.run.launch import check_launcher
-from models import check_model_fits_data
+from models import check_model, check_model_fits_data
 from parallel.distenv import check_gpus
 from parallel.mesh import Degrees
 from parallel.registry import STRATEGIES, get_spec, resolve_degrees
@@ -63,8 +63,7 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
     t, m = cfg.train, cfg.model
     check_ranges(cfg)
     _check_eval(cfg)
-    if m.name == "transformer" and m.hidden % m.heads:
-        raise ConfigError(f"model.hidden={m.hidden} is not divisible by model.heads={m.heads}")
+    check_model(m)
     if t.resume not in ("auto", "never"):
         from experiments.train.checkpoint import resolve
 
