@@ -171,6 +171,7 @@ def test_a_forked_rank_imports_nothing_the_fork_server_could_have():
         "for m in FORKSERVER_PRELOAD: importlib.import_module(m)\n"
         "before = set(sys.modules)\n"
         "torch.use_deterministic_algorithms(True, warn_only=True)\n"
+        "from experiments.train.loop import train  # what worker.main imports in the rank\n"
         "print(sorted(set(sys.modules) - before))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

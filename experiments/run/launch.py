@@ -43,10 +43,10 @@ def check_launcher(cfg: LauncherConfig) -> None:
         raise ConfigError(f"launcher.start_method={cfg.start_method}; choose forkserver or spawn")
 
 
-# What the fork server imports once, so that no forked rank imports it again. Every rank calls
-# torch.use_deterministic_algorithms, which imports torch._inductor.config (~0.5 s of CPU): that
-# import was a third of a 4-rank tiny job's CPU.
-FORKSERVER_PRELOAD = ["experiments.run.worker", "torch._inductor.config"]
+# What the fork server imports once, so that no forked rank imports it again: the rank's entry,
+# the training loop it imports, and torch._inductor.config, which every rank's call of
+# torch.use_deterministic_algorithms imports (~0.5 s of CPU: a third of a 4-rank tiny job's).
+FORKSERVER_PRELOAD = ["experiments.run.worker", "experiments.train.loop", "torch._inductor.config"]
 
 
 def _preload_forkserver(cfg: LauncherConfig) -> None:

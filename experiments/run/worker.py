@@ -23,7 +23,6 @@ from experiments.config.schema import FROZEN_CONFIG, load_frozen
 from experiments.measure.log import LOG_FILE, file_logger, setup_rank_logging
 from experiments.run.nodes import check_one_job
 from experiments.train import signals
-from experiments.train.loop import train
 from parallel.distenv import init_distributed, rank_env, select_device, set_threads
 from parallel.loopback import LOOPBACK
 
@@ -79,6 +78,10 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
                 env.world_size // env.local_world_size,
                 env.local_rank,
             )
+        # Imported by the rank (the fork server preloads it): the CLI imports this module to
+        # launch ranks, and needs none of the training machinery (DTensor, FSDP, DCP) for that.
+        from experiments.train.loop import train
+
         try:
             result = train(cfg, env, device, path, log)
         finally:

@@ -20,17 +20,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    _init_optim_state,
-    get_model_state_dict,
-    set_model_state_dict,
-)
 
 from experiments.measure.record import write_atomic
 from experiments.train.state import TrainState
-from parallel.layout import local_optimizer
+
+# DCP (and DTensor with it, ~0.8 s of CPU) is imported where a checkpoint is written or read, by
+# the ranks: `python train.py` only finds checkpoints (resolve), before it launches anything.
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = ".complete"
@@ -71,6 +67,8 @@ def _optimizer_state(state: TrainState) -> dict[str, dict[str, Any]]:
 
     An engine's state lives in its own partitions: it hands over whole tensors by name instead.
     """
+    from parallel.layout import local_optimizer
+
     held = state.engine.optimizer_state(state.model) if state.engine is not None else None
     if held is not None:
         return held
@@ -80,6 +78,8 @@ def _optimizer_state(state: TrainState) -> dict[str, dict[str, Any]]:
 
 
 def _state(state: TrainState, rank: int) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     return {
         "model": get_model_state_dict(state.model),
         "optim": _optimizer_state(state),
@@ -89,6 +89,8 @@ def _state(state: TrainState, rank: int) -> dict[str, Any]:
 
 def save(state: TrainState, job_dir: Path, progress: dict[str, Any], keep: int) -> Path:
     """Collective: every rank writes its shards; rank 0 marks the checkpoint complete and prunes."""
+    import torch.distributed.checkpoint as dcp
+
     rank = dist.get_rank()
     path = step_dir(job_dir, state.step)
     with state.whole_parameters():
@@ -124,6 +126,9 @@ def _prune(job_dir: Path, keep: int, newest: int) -> None:
 
 def load(state: TrainState, path: Path) -> dict[str, Any]:
     """Collective: fill the live model, optimizer, scheduler and RNG from `path`; return progress."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import _init_optim_state, set_model_state_dict
+
     rank = dist.get_rank()
     if state.engine is not None and not state.engine.resumable:
         raise NotImplementedError(
@@ -156,6 +161,8 @@ def load(state: TrainState, path: Path) -> dict[str, Any]:
 
 def load_full_model_state(job_dir: Path, like: nn.Module) -> dict[str, torch.Tensor]:
     """The newest checkpoint's model, unsharded into one process, shaped like `like`."""
+    import torch.distributed.checkpoint as dcp
+
     found = complete_checkpoints(job_dir)
     if not found:
         raise FileNotFoundError(f"no complete checkpoint under {job_dir / CHECKPOINTS}")

@@ -26,7 +26,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from experiments.config.schema import Config, ConfigError
 from parallel.base import Engine, Parallelized, StrategyContext
-from parallel.layout import storage_bytes
 from parallel.optim import OptimizerSpec
 
 STAGES = (1, 2, 3)
@@ -174,6 +173,8 @@ def _tensors(obj: object, depth: int = 4) -> Iterator[Tensor]:
 
 
 def _bytes(objs: list[object], seen: set[int]) -> int:
+    from parallel.layout import storage_bytes
+
     return storage_bytes(_tensors(objs), seen)
 
 
