@@ -15,7 +15,13 @@ from experiments.measure.predict import predict
 from experiments.measure.record import Tag
 from experiments.measure.theory import Precision, zero_model_state_bytes
 from experiments.report.parity import compose_config
-from experiments.run.resources import model_state_bytes_per_rank, parameter_count, zero1_largest_share
+from experiments.run.resources import (
+    check_resources,
+    checkpoints_on_disk,
+    model_state_bytes_per_rank,
+    parameter_count,
+    zero1_largest_share,
+)
 from parallel.costs import ModelSizes, Setting, optimizer_state_bytes_per_param
 from parallel.mesh import Degrees
 from parallel.registry import get_spec, resolve_degrees
@@ -113,3 +119,21 @@ def test_zero1_counts_the_fullest_ranks_share_as_zero_redundancy_optimizer_assig
     assert zero1_largest_share([p.numel() for p in model.parameters()], 3) == max(owned)
     psi = sum(p.numel() for p in model.parameters())
     assert model_state_bytes_per_rank(cfg, d) == 4 * psi + 4 * psi + 8 * max(owned)
+
+
+@pytest.mark.parametrize(
+    ("steps", "every", "keep", "on_disk"),
+    [
+        (200, 0, 2, 1),  # only the final checkpoint is ever written
+        (6, 1, 10**12, 6),  # keep more than the run writes: all of them, no more
+        (6, 1, 2, 3),  # the newest two, and the third while it is written
+        (7, 2, 0, 4),  # steps 2, 4, 6 and the final 7, all kept
+        (6, 2, 1, 2),
+    ],
+)
+def test_the_disk_check_counts_the_checkpoints_a_run_can_hold(steps, every, keep, on_disk, tmp_path):
+    assert checkpoints_on_disk(steps, every, keep) == on_disk
+    cfg, degrees = _config(
+        f"train.steps={steps}", f"train.checkpoint_every={every}", f"train.keep_checkpoints={keep}", world=1
+    )
+    check_resources(cfg, degrees, tmp_path / "job")  # a tiny model's checkpoints fit any disk

@@ -186,13 +186,20 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def checkpoints_on_disk(steps: int, every: int, keep: int) -> int:
+    """The most checkpoints a run holds at once: the newest `keep` (0 = all) of those it writes
+    (every `every` steps and the final one), plus the one being written while they stay."""
+    written = (steps // every if every else 0) + (0 if every and steps % every == 0 else 1)
+    kept = min(keep or written, written)
+    return kept + (1 if kept < written else 0)
+
+
 def _check_disk(cfg: Config, job_dir: Path) -> None:
-    """Checkpoints hold the whole model and optimizer state; the newest `keep_checkpoints` (at
-    least one: the final one) stay, plus the one being written."""
+    """Checkpoints hold the whole model and optimizer state (checkpoints_on_disk of them)."""
     from parallel.costs import optimizer_state_bytes_per_param
 
     t = cfg.train
-    kept = (t.keep_checkpoints or max(1, t.steps // max(1, t.checkpoint_every))) + 1
+    kept = checkpoints_on_disk(t.steps, t.checkpoint_every, t.keep_checkpoints)
     need = parameter_count(cfg) * (4 + optimizer_state_bytes_per_param(cfg)) * kept + 2**20
     existing = next((p for p in (job_dir, *job_dir.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(existing).free
