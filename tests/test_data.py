@@ -96,6 +96,31 @@ def test_cifar10_reads_pickled_batches_from_root(tmp_path):
         build_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)), seed=0)
 
 
+class _Payload:
+    """What a crafted batch carries: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_crafted_cifar_batch_runs_no_code_even_with_checksums_off(tmp_path):
+    test_cifar10_reads_pickled_batches_from_root(tmp_path)  # a root of real-format batches
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({"data": _Payload(str(marker)), "labels": [0]}))
+    cfg = DatasetConfig(name="cifar10", root=str(tmp_path), input_shape=[3, 32, 32], verify_checksums=False)
+    with pytest.raises(
+        pickle.UnpicklingError, match=r"data_batch_3 is not a CIFAR-10 batch: it names posix\.mkdir"
+    ):
+        build_dataset(cfg, seed=0)
+    assert not marker.exists()
+
+
 def test_missing_files_name_the_root_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"cifar-10-batches-py/data_batch_1 not found.*download=true"):
         check_files(DatasetConfig(name="cifar10", root=str(tmp_path)))
