@@ -99,6 +99,19 @@ TABLE = [
     # path and script injection
     Bad(("launcher.rdzv_id=../../x",), "launcher.rdzv_id"),
     Bad(("launcher.nnodes=2", "launcher.rdzv_endpoint='host\nx:29500'"), "launcher.rdzv_endpoint"),
+    # numbers in range for the table but not for what consumes them (timedelta, torch's timeouts)
+    Bad(("launcher.timeout_s=100000000000000",), "launcher.timeout_s", "a timeout timedelta cannot hold"),
+    Bad(("launcher.join_timeout_s=100000000000000",), "launcher.join_timeout_s", "a join timeout too long"),
+    Bad(("launcher.grace_s=100000000000000",), "launcher.grace_s", "a grace too long"),
+    # paths the OS cannot look up: each names its own key
+    Bad(("train.resume=~nosuchuser/run",), "train.resume", "a home of no such user"),
+    Bad(("dataset=mnist", "dataset.root=~nosuchuser/data"), "dataset.root", "a root in no such home"),
+    Bad(
+        ("dataset=tokens", "dataset.text_file=~nosuchuser/a.txt"),
+        "dataset.text_file",
+        "a text in no such home",
+    ),
+    Bad(("dataset=tokens", f"dataset.text_file={'a' * 5000}.txt"), "dataset.text_file", "a name too long"),
     # model shapes that cannot be split the way they are asked to
     Bad((*LLAMA, "model.kv_heads=3"), "model.kv_heads=3", "kv heads that do not divide the heads"),
     Bad((*LLAMA, "model.heads=8", "model.hidden=24"), "model.hidden", "an odd rotary head size"),

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from experiments.config.schema import Config, ConfigError
 
@@ -21,22 +22,26 @@ class Bound:
     low_open: bool = False  # the low end itself is not allowed
     high_open: bool = False
 
-    def holds(self, v: float) -> bool:
-        above = v > self.low if self.low_open else v >= self.low
-        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
-        return above and below
+    def _above_low(self, v: float) -> bool:
+        return v > self.low if self.low_open else v >= self.low
 
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return (
-            f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        )
+    def _below_high(self, v: float) -> bool:
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def holds(self, v: float) -> bool:
+        return self._above_low(v) and self._below_high(v)
+
+    def broken_by(self, v: float) -> str:
+        """The side of the range that v falls outside, as the refusal says it."""
+        if not self._below_high(v):
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
 
 
 AT_LEAST_1 = Bound(1)
 AT_LEAST_0 = Bound(0)
 ABOVE_0 = Bound(0, low_open=True)
+TEN_YEARS_S = 10 * 365 * 24 * 3600
 
 BOUNDS: dict[str, Bound] = {
     "seed": Bound(0, 2**63 - 1),  # torch.manual_seed's range
@@ -81,11 +86,16 @@ BOUNDS: dict[str, Bound] = {
     "launcher.node_rank": AT_LEAST_0,  # and < launcher.nnodes: experiments/run/launch.py:check_launcher
     "launcher.max_restarts": AT_LEAST_0,
     "launcher.threads_per_rank": AT_LEAST_0,
-    "launcher.timeout_s": ABOVE_0,  # 0 would read as unset (torch's default) in init_distributed
-    "launcher.join_timeout_s": ABOVE_0,
-    "launcher.grace_s": AT_LEAST_0,
+    # 0 would read as unset (torch's default) in init_distributed. The ceiling is what every
+    # consumer of a wait holds: datetime.timedelta (~8.6e13 s) and torch's c10d and store timeouts.
+    "launcher.timeout_s": Bound(0, TEN_YEARS_S, low_open=True),
+    "launcher.join_timeout_s": Bound(0, TEN_YEARS_S, low_open=True),
+    "launcher.grace_s": Bound(0, TEN_YEARS_S),
     "launcher.gpus_per_node": Bound(-1),  # -1: one per rank
 }
+
+# Keys that name a file or a folder (train.resume also takes auto | never).
+PATH_KEYS = ("train.resume", "dataset.root", "dataset.text_file")
 
 # rdzv_id names torch's log folder inside the job dir and the rendezvous on the store.
 RDZV_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")
@@ -116,7 +126,9 @@ def check_ranges(cfg: Config) -> None:
     for key, bound in BOUNDS.items():
         value = values.get(key)
         if value is not None and not bound.holds(value):  # type: ignore[arg-type]
-            raise ConfigError(f"{key}={value} must be {bound}")
+            raise ConfigError(f"{key}={value} must be {bound.broken_by(value)}")  # type: ignore[arg-type]
+    for key in PATH_KEYS:
+        _check_path(key, values[key])  # type: ignore[arg-type]
     shape = cfg.dataset.input_shape
     if not shape or any(d < 1 for d in shape):
         raise ConfigError(
@@ -127,3 +139,16 @@ def check_ranges(cfg: Config) -> None:
             f"launcher.rdzv_id={cfg.launcher.rdzv_id} may hold only letters, digits, '_', '-' and '.' "
             "(at most 64, starting with a letter or digit): it names a folder in the job dir"
         )
+
+
+def _check_path(key: str, value: str) -> None:
+    """A path the OS cannot even look up (`~user` of no such user, a name longer than it allows)
+    fails here naming its key, not later as a traceback or an error blamed on another key."""
+    if not value or (key == "train.resume" and value in ("auto", "never")):
+        return
+    try:
+        Path(value).expanduser().exists()  # a missing path is False; ENAMETOOLONG and the like raise
+    except (RuntimeError, OSError) as e:
+        shown = value if len(value) <= 80 else f"{value[:60]}… ({len(value)} characters)"
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rstrip(".")
+        raise ConfigError(f"{key}={shown}: {why}; give a path that exists on this machine") from None
