@@ -148,6 +148,15 @@ def test_bad_input_is_one_line_naming_it_and_exit_2(bad, monkeypatch, capfd, tmp
     assert bad.names in line, line
 
 
+def test_a_typo_in_a_groups_config_file_names_the_key_and_the_file(monkeypatch, capfd, tmp_path):
+    """A user's own model config, found through hydra.searchpath, with a key its schema lacks."""
+    conf = tmp_path / "my_project" / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "model" / "my_net.yaml").write_text("name: mlp\nhiddn: 3\n")
+    line = rejected(monkeypatch, capfd, tmp_path, f"hydra.searchpath=[file://{conf}]", "model=my_net")
+    assert "model/my_net.yaml" in line and "model.hiddn" in line and "did you mean hidden?" in line, line
+
+
 def _cifar(root: Path, corrupt: str = "") -> Path:
     base = root / "cifar-10-batches-py"
     base.mkdir(parents=True)
