@@ -46,6 +46,7 @@ TABLE = [
     Bad(("+train.foo=1",), "train.foo"),
     Bad(("train.stepz=3",), "train.stepz"),
     Bad(("strategy=nope",), "strategy/nope"),
+    Bad(("~model",), "model has no value", "a deleted config group"),
     # numbers nobody checked
     Bad(("train.lr=nan",), "train.lr"),
     Bad(("train.lr=inf",), "train.lr"),

@@ -10,6 +10,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
 
 from data.checks import DataUnavailable, fetch
 from experiments.config.schema import FROZEN_CONFIG, Config, ConfigError, save_frozen
@@ -102,6 +103,18 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
 outcomes = {"rejected": 0, "ran": 0}
 
 
+def _typed(cfg: DictConfig) -> Config:
+    """The typed config; a key with no value (a deleted group, `~model`) is a refusal naming it."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except MissingMandatoryValue as e:
+        key = e.full_key or "a required key"
+        raise ConfigError(
+            f"{key} has no value (a deleted or unset config group?); choose one, e.g. {key}=<option> "
+            "(python train.py --help lists them)"
+        ) from None
+
+
 def run_job(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
@@ -124,7 +137,7 @@ def run_job(cfg: DictConfig) -> float | None:
                 cfg.launcher.nnodes = int(os.environ["WORLD_SIZE"]) // local
         check_name(job_dir)
         check_known(cfg)
-        typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        typed = _typed(cfg)
         # What the job dir holds comes first: a strategy that cannot load its checkpoint is refused
         # for that, whatever else (an extra not installed) it would also need.
         finished = check_rerun(cfg, job_dir)
