@@ -7,6 +7,7 @@ process, so there is none to spawn): each case asserts what a user in a terminal
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -238,6 +239,52 @@ def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         validate(OmegaConf.to_object(compose("config", overrides=[*TINY, f"train.resume={source}"])))
+
+
+LOCAL = (*TINY, "strategy=single", "launcher=local")
+
+
+def _shard(step: Path) -> Path:
+    return next(step.glob("*.distcp"))
+
+
+def test_a_resume_source_that_cannot_load_is_one_line_naming_what_differs(monkeypatch, capfd, tmp_path):
+    source = tmp_path / "mlp"
+    code, lines = cli(monkeypatch, capfd, *LOCAL, "train.steps=2", f"hydra.run.dir={source}")
+    assert code == 0, lines
+    # Another model's checkpoint: the first tensor this model has and it lacks.
+    line = rejected(monkeypatch, capfd, tmp_path, *LOCAL, *GPT, "model.hidden=16", f"train.resume={source}")
+    assert f"train.resume={source} cannot be loaded: it holds no stem.tok.weight" in line, line
+    # The same model, wider: the first tensor of another shape.
+    line = rejected(monkeypatch, capfd, tmp_path, *LOCAL, "model.hidden=24", f"train.resume={source}")
+    assert "its stem.1.weight is [16, 8], this model's is [24, 8]" in line, line
+    # A truncated shard: named, before launch.
+    shard = _shard(source / "checkpoints" / "step_2")
+    shard.write_bytes(shard.read_bytes()[:100])
+    line = rejected(monkeypatch, capfd, tmp_path, *LOCAL, f"train.resume={source}")
+    assert f"its shard {shard} is truncated (100 of" in line, line
+
+
+def test_auto_resume_sets_an_unreadable_checkpoint_aside_and_takes_the_one_before(
+    monkeypatch, capfd, tmp_path
+):
+    job = tmp_path / "job"
+    args = (*LOCAL, "train.checkpoint_every=2", f"hydra.run.dir={job}")
+    code, lines = cli(monkeypatch, capfd, *args, "train.steps=4")
+    assert code == 0, lines
+    step4 = job / "checkpoints" / "step_4"
+    shard = _shard(step4)
+    shard.write_bytes(shard.read_bytes()[:100])
+    code, lines = cli(monkeypatch, capfd, *args, "train.steps=6")
+    assert code == 0, lines
+    assert any(
+        line.startswith("paralab: checkpoint step_4 cannot be loaded (its shard")
+        and "resuming from step_2" in line
+        for line in lines
+    ), lines
+    assert (job / "checkpoints" / "step_4.unreadable").is_dir()  # set aside, nothing deleted
+    record = json.loads((job / "metrics.json").read_text())
+    assert record["resumes"][-1]["from_step"] == 2 and len(record["losses"]) == 6, record["resumes"]
 
 
 def test_a_sweep_of_only_rejected_jobs_fails(monkeypatch, capfd, tmp_path):

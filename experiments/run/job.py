@@ -23,7 +23,7 @@ from experiments.run.nodes import PER_NODE, first_difference
 from experiments.run.rendezvous import check_endpoint
 from experiments.run.resources import check_resources
 from experiments.run.slurm import place_on_allocation, swept_keys_from_env, under_submitit
-from experiments.run.validate import check_auto_resume, validate
+from experiments.run.validate import check_auto_resume, check_resume_source, validate
 from experiments.train.checkpoint import resolve
 
 
@@ -146,6 +146,7 @@ def run_job(cfg: DictConfig) -> float | None:
         degrees = validate(typed, explicit=override_keys(hc.overrides.task))
         check_endpoint(typed.launcher)
         if finished is None:
+            check_resume_source(typed, job_dir)
             check_resources(typed, degrees, job_dir)
         fetch(typed.dataset)
     except (ConfigError, DataUnavailable) as e:

@@ -66,7 +66,7 @@ def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
 
     spec = get_spec(cfg.strategy.name)
     stage = spec.zero_stage(cfg.strategy)
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     sizes = model_sizes(model, degrees.dp if stage == "os" else 1)
     local_batch = cfg.train.global_batch_size // degrees.dp
     x = Setting(cfg, degrees, sizes, local_batch, dataset_spec(cfg.dataset).seq_len)
@@ -106,10 +106,10 @@ def zero1_largest_share(numels: list[int], ranks: int) -> int:
 
 
 def parameter_count(cfg: Config) -> int:
-    return sum(p.numel() for p in _meta_model(cfg).parameters())
+    return sum(p.numel() for p in meta_model(cfg).parameters())
 
 
-def _meta_model(cfg: Config) -> StagedModel:
+def meta_model(cfg: Config) -> StagedModel:
     from data import dataset_spec
     from models import build_model
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,6 +57,32 @@ def check_auto_resume(cfg: Config, job_dir: Path) -> None:
         raise ConfigError(
             f"strategy={cfg.strategy.name} cannot resume from a checkpoint yet (train.resume=auto: {source}); "
             f"resume it with another strategy: train.resume={job_dir} in a new hydra.run.dir"
+        )
+
+
+def check_resume_source(cfg: Config, job_dir: Path) -> None:
+    """The checkpoint the run would resume from loads into this model: checked from its metadata
+    before launch, instead of ~70 lines of traceback on every rank. Under resume=auto an
+    unreadable checkpoint is set aside (renamed step_<N>.unreadable, nothing deleted) and the
+    previous complete one is taken, saying so."""
+    from experiments.run.resources import meta_model
+    from experiments.train.checkpoint import resolve, unreadable
+
+    source = resolve(cfg.train.resume, job_dir)
+    if source is None:
+        return
+    model = meta_model(cfg)
+    while source is not None and (problem := unreadable(source, model)) is not None:
+        if cfg.train.resume != "auto":
+            raise ConfigError(f"train.resume={cfg.train.resume} cannot be loaded: {problem}")
+        aside = source.with_name(f"{source.name}.unreadable")
+        with contextlib.suppress(FileNotFoundError):  # another node of the job set it aside first
+            source.rename(aside)
+        source = resolve("auto", job_dir)
+        then = f"resuming from {source.name}" if source is not None else "starting from step 0"
+        print(
+            f"paralab: checkpoint {aside.name.removesuffix('.unreadable')} cannot be loaded ({problem}); set aside as {aside}; {then}",
+            file=sys.stderr,
         )
 
 

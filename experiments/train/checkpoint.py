@@ -62,6 +62,37 @@ def resolve(resume: str, job_dir: Path) -> Path | None:
     return None
 
 
+def unreadable(path: Path, model: nn.Module) -> str | None:
+    """What stops the checkpoint at `path` from loading into `model` (built on the meta device),
+    read from DCP's metadata alone: a shard file shorter than the metadata says, or the first of
+    the model's tensors that it lacks or holds in another shape. None where it loads."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it is the one thing to say
+        return f"its metadata ({path / '.metadata'}) cannot be read: {type(e).__name__}: {e}"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        shard = path / name
+        size = shard.stat().st_size if shard.is_file() else -1
+        if size < end:
+            return f"its shard {shard} is {'missing' if size < 0 else f'truncated ({size} of {end} bytes)'}"
+    stored = metadata.state_dict_metadata
+    for name, tensor in model.state_dict().items():
+        held = stored.get(f"model.{name}")
+        if held is None:
+            return f"it holds no {name}: a checkpoint of another model"
+        shape = list(getattr(held, "size", []))
+        if shape != list(tensor.shape):
+            return (
+                f"its {name} is {shape}, this model's is {list(tensor.shape)}: a checkpoint of another model"
+            )
+    return None
+
+
 def _optimizer_state(state: TrainState) -> dict[str, dict[str, Any]]:
     """This rank's optimizer state by parameter name: live tensors, so a load fills them in place.
 
