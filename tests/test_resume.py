@@ -244,21 +244,35 @@ LONG = [
 EVALUATED = [*LONG, "train.checkpoint_every=10", "train.eval_every=10", "train.eval_samples=32"]
 
 
-def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path):
-    from tests.helpers import run
+@pytest.mark.parametrize(
+    "to, start",
+    [
+        ("launcher", "forkserver"),
+        # SLURM, Kubernetes, systemd and job control signal the whole process group: the fork
+        # server (the default start method) is in it.
+        ("group", "forkserver"),
+        pytest.param("group", "spawn", marks=pytest.mark.full),
+    ],
+    ids=["launcher", "group", "group-spawn"],
+)
+def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path, tmp_path_factory, to, start):
+    from tests.helpers import SharedJobs, run
     from tests.procs import running
 
-    whole = run_case(EVALUATED, tmp_path / "whole")
+    whole, _ = SharedJobs(tmp_path_factory, "resume").get(EVALUATED, run_case)
     job = tmp_path / "job"
-    with running(job, EVALUATED) as j:
+    with running(job, [*EVALUATED, f"launcher.start_method={start}"]) as j:
         j.ranks()
-        j.proc.send_signal(signal.SIGTERM)  # what scancel / preemption sends
+        if to == "launcher":
+            j.proc.send_signal(signal.SIGTERM)  # what scancel / preemption sends
+        else:
+            os.killpg(j.proc.pid, signal.SIGTERM)  # the job runs in a session of its own
         j.finish(timeout=120)
     info = json.loads((job / "interrupted.json").read_text())
     assert info["signal"] == "SIGTERM" and 0 < info["step"] < 300 and info["step"] % 10 == 0, info
     assert (job / "checkpoints" / f"step_{info['step']}" / COMPLETE).is_file()
     assert not (job / "metrics.json").exists(), "an interrupted run must not look finished"
-    again = run([*EVALUATED, f"hydra.run.dir={job}"])  # the requeued job: the same command
+    again = run([*EVALUATED, f"launcher.start_method={start}", f"hydra.run.dir={job}"])  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads((job / "metrics.json").read_text())
     assert resumed["losses"] == whole["losses"]

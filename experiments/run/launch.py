@@ -46,7 +46,13 @@ def check_launcher(cfg: LauncherConfig) -> None:
 # What the fork server imports once, so that no forked rank imports it again: the rank's entry,
 # the training loop it imports, and torch._inductor.config, which every rank's call of
 # torch.use_deterministic_algorithms imports (~0.5 s of CPU: a third of a 4-rank tiny job's).
-FORKSERVER_PRELOAD = ["experiments.run.worker", "experiments.train.loop", "torch._inductor.config"]
+# First, experiments.run.forkserver: the fork server survives a SIGTERM to the process group.
+FORKSERVER_PRELOAD = [
+    "experiments.run.forkserver",
+    "experiments.run.worker",
+    "experiments.train.loop",
+    "torch._inductor.config",
+]
 
 
 def _preload_forkserver(cfg: LauncherConfig) -> None:
