@@ -247,13 +247,14 @@ EVALUATED = [*LONG, "train.checkpoint_every=10", "train.eval_every=10", "train.e
 @pytest.mark.parametrize(
     "to, start",
     [
-        ("launcher", "forkserver"),
         # SLURM, Kubernetes, systemd and job control signal the whole process group: the fork
-        # server (the default start method) is in it.
+        # server (the default start method) is in it. The launcher's forwarding of a SIGTERM it
+        # alone received is also checked in make test, by test_faults (a checkpoint at the stop).
         ("group", "forkserver"),
+        pytest.param("launcher", "forkserver", marks=pytest.mark.full),
         pytest.param("group", "spawn", marks=pytest.mark.full),
     ],
-    ids=["launcher", "group", "group-spawn"],
+    ids=["group", "launcher", "group-spawn"],
 )
 def test_sigterm_stops_with_a_checkpoint_and_the_rerun_resumes_it(tmp_path, tmp_path_factory, to, start):
     from tests.helpers import SharedJobs, run
