@@ -29,9 +29,6 @@ def memory(stage: str | None, x: Setting, model: MemoryModel = torch_memory) -> 
     return out
 
 
-# ---- what each strategy sends per optimizer step (the registry names one per strategy) ----
-
-
 def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
     """Payload bytes S per collective per step, and the ring bytes this rank sends for them."""
     payload = theory(x) if theory is not None else None

@@ -1,7 +1,8 @@
 """Will the job fit this machine? Ranks vs devices and open files, predicted model state vs memory,
 checkpoints vs disk: checked before launch, and a refusal says what does fit.
 
-The model-state bytes are the run-time theory's (parallel/costs.py's `memory`: what the
+The model-state bytes are the run-time theory's (experiments/measure/predict.py's `memory` over
+the strategy's model in parallel/costs.py: what the
 strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
 parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
 bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations

@@ -18,10 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from experiments.train.state import TrainState
 from parallel.base import Parallelized
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from parallel.layout import local_tensor
 
 
 def _holders(p: DTensor, ranks_per_stage: int) -> int:
@@ -90,14 +87,14 @@ class GradNorm:
     @torch.no_grad()
     def local_grads(self) -> list[Tensor]:
         """Every local gradient on this rank, for clipping (not only those its norm share sums)."""
-        return [_local(p.grad) for p in self.params if p.grad is not None]
+        return [local_tensor(p.grad) for p in self.params if p.grad is not None]
 
     @torch.no_grad()
     def local_sq(self) -> Tensor:
         """This rank's share of the squared global norm, on the device (no sync)."""
         total: Tensor | None = None
         for weight, params in self.groups:
-            grads = [_local(p.grad) for p in params if p.grad is not None]
+            grads = [local_tensor(p.grad) for p in params if p.grad is not None]
             if not grads:
                 continue
             # At least fp32 (bf16 gradients), and fp64 ones as they are; the Meter buffers fp32.
