@@ -17,9 +17,15 @@ DATASETS = ("synthetic", "tokens", "mnist", "cifar10", "fake_images")
 
 
 def dataset_spec(cfg: DatasetConfig) -> DataSpec:
-    """The shapes a dataset yields, known without loading it (used to validate before launch)."""
+    """The shapes a dataset yields, known without loading it (a user's: from its first sample)."""
+    if cfg._target_:
+        from data.user import user_spec
+
+        return user_spec(cfg)
     if cfg.name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{cfg.name}'; choose one of: {', '.join(DATASETS)}")
+        raise ConfigError(
+            f"unknown dataset '{cfg.name}'; choose one of: {', '.join(DATASETS)}, or give a _target_ of your own"
+        )
     if cfg.name == "tokens":
         from data.tokens import BYTE_VOCAB
 
@@ -47,6 +53,10 @@ def build_dataset(cfg: DatasetConfig, seed: int, split: str = "train") -> Datase
     if split not in SPLITS:
         raise ValueError(f"split={split} is not one of {SPLITS}")
     val = split == "val"
+    if cfg._target_:
+        from data.user import build_user_dataset
+
+        return build_user_dataset(cfg, seed, split)
     if cfg.name == "synthetic":
         from data.synthetic import teacher_dataset
 

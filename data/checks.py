@@ -40,6 +40,14 @@ class DataUnavailable(RuntimeError):
 
 def check_data(cfg: Config) -> None:
     d, batch = cfg.dataset, cfg.train.global_batch_size
+    if d.args and not d._target_:
+        raise ConfigError(
+            f"dataset.args are the arguments of a dataset of your own (dataset._target_); dataset={d.name} takes none"
+        )
+    if d._target_:
+        from data.user import check_user_dataset
+
+        return check_user_dataset(d, cfg.seed, batch)
     dataset_spec(d)  # an unknown dataset
     if d.name in REAL:
         # Said first: a wrong shape is wrong wherever the files are.

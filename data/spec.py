@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -12,3 +15,11 @@ class DataSpec:
     num_classes: int = 0
     vocab_size: int = 0
     seq_len: int = 0
+
+    def example(self, n: int, device: str) -> tuple[Tensor, Tensor]:
+        """A batch of n samples of the right shapes and dtypes (zeros), e.g. on the meta device."""
+        if self.task == "lm":
+            x = torch.zeros((n, self.seq_len), dtype=torch.long, device=device)
+            return x, torch.zeros((n, self.seq_len), dtype=torch.long, device=device)
+        x = torch.zeros((n, *self.input_shape), device=device)
+        return x, torch.zeros(n, dtype=torch.long, device=device)

@@ -1,98 +1,160 @@
-"""Models by name. Every model is a StagedModel (stem → blocks → head)."""
+"""Models: whatever a model config's `_target_` builds (conf/model/*.yaml for the built-in ones,
+a user's own config for theirs; docs/models.md).
+
+Read first: staged.py, the protocol a model follows to run under every strategy. Then one model
+(mlp.py is the smallest). A model's constructor takes its config's keys as arguments, and the
+dataset's shapes it names (DATA_FIELDS) are passed to it, so one config fits every dataset.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
 from data.spec import DataSpec
 from experiments.config.schema import ConfigError, ModelConfig
-from models.staged import StagedModel
 
-MODELS = ("mlp", "cnn", "resnet18", "transformer", "llama")
-IMAGE_MODELS = ("cnn", "resnet18")
-LM_MODELS = ("transformer", "llama")  # decoders: next-token prediction over dataset=tokens
-TP_MODELS = ("mlp", "transformer", "llama")  # models that declare a tensor-parallel plan
-SP_MODELS = LM_MODELS  # ... and sequence-parallel edges
-# model.norm per model, first its default. sync_batch is BatchNorm that data-parallel strategies
-# synchronise over their ranks (parallel/strategies/syncbn.py), so they compute what one process computes.
-NORMS = {"cnn": ("group", "batch", "sync_batch"), "resnet18": ("batch", "sync_batch", "group")}
+# What a model receives from the dataset when its constructor names it (and the config does not).
+DATA_FIELDS = ("input_shape", "num_classes", "vocab_size", "seq_len")
+# Models whose blocks take and give model.hidden features per position (per sample for the MLP):
+# the communication predictions of TP and pipelines read their width from the config.
+HIDDEN_WIDTH = ("models.mlp.MLP", "models.transformer.Transformer", "models.llama.Llama")
+# Decoders whose model.hidden the resource check's advice may lower in whole, even-sized heads.
+HEADED = ("models.transformer.Transformer", "models.llama.Llama")
 
 
-def num_blocks(cfg: ModelConfig) -> int:
-    """Pipeline split points: the blocks a model is cut between."""
-    return 4 if cfg.name == "resnet18" else cfg.layers
+def model_target(cfg: ModelConfig) -> Callable[..., nn.Module]:
+    from hydra.utils import get_object
 
-
-def check_model(cfg: ModelConfig) -> None:
-    """The model's own shape rules, before anything is built."""
-    if cfg.name not in MODELS:
-        raise ConfigError(f"unknown model '{cfg.name}'; choose one of: {', '.join(MODELS)}")
-    if cfg.name in LM_MODELS and cfg.hidden % cfg.heads:
-        raise ConfigError(f"model.hidden={cfg.hidden} is not divisible by model.heads={cfg.heads}")
-    if cfg.name == "llama":
-        from models.llama import kv_heads_of
-
-        if cfg.heads % kv_heads_of(cfg):
-            raise ConfigError(
-                f"model.kv_heads={cfg.kv_heads} must divide model.heads={cfg.heads} (each kv head serves "
-                "as many query heads as every other)"
-            )
-        if (cfg.hidden // cfg.heads) % 2:
-            raise ConfigError(
-                f"model.hidden / model.heads = {cfg.hidden // cfg.heads} must be even: rotary positions turn pairs of features"
-            )
-
-
-def tp_split_sizes(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """What tensor parallelism splits, by its name in the config: the TP degree must divide each."""
-    if cfg.name == "llama":
-        from models.llama import ffn_hidden, kv_heads_of
-
-        return [
-            ("model.heads", cfg.heads),
-            ("model.kv_heads", kv_heads_of(cfg)),
-            ("the SwiGLU width", ffn_hidden(cfg.hidden, cfg.ffn_mult, cfg.multiple_of)),
-        ]
-    sizes = [("model.hidden", cfg.hidden), ("the MLP width ffn_mult×hidden", cfg.ffn_mult * cfg.hidden)]
-    return sizes + ([("model.heads", cfg.heads)] if cfg.name == "transformer" else [])
-
-
-def check_model_fits_data(cfg: ModelConfig, spec: DataSpec) -> None:
-    check_model(cfg)
-    if cfg.name in LM_MODELS and spec.task != "lm":
-        raise ConfigError(f"model={cfg.name} needs a token dataset; use dataset=tokens")
-    if cfg.name not in LM_MODELS and spec.task == "lm":
+    try:
+        return get_object(cfg.target)
+    except Exception as e:
+        cause = e.__cause__ or e
         raise ConfigError(
-            f"model={cfg.name} classifies; for dataset=tokens use model={' or model='.join(LM_MODELS)}"
+            f"model._target_={cfg.target} does not import ({type(cause).__name__}: {cause}); "
+            "is its package on PYTHONPATH (or installed)?"
+        ) from None
+
+
+def _data_args(fn: Callable[..., nn.Module], cfg: ModelConfig, spec: DataSpec) -> dict[str, object]:
+    """The dataset's shapes `fn` asks for; a config key `fn` does not take is an error here."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: trust the config
+        return {}
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        for key in cfg.args:
+            if key not in params and not key.startswith("_"):
+                near = difflib.get_close_matches(key, list(params), n=1)
+                hint = f"did you mean {near[0]}? " if near else ""
+                where = f" (set in {cfg.source})" if cfg.source else ""
+                raise ConfigError(
+                    f"model.{key}{where}: {cfg.target} takes no argument '{key}'; {hint}"
+                    f"it takes: {', '.join(p for p in params if p != 'self')}"
+                )
+    for key, value in cfg.args.items():
+        kind = _simple_type(params[key].annotation) if key in params else None
+        if kind is not None and not _fits(kind, value):
+            raise ConfigError(f"model.{key}={value!r} must be {kind.__name__} (an argument of {cfg.target})")
+    wants = [k for k in DATA_FIELDS if k in params and k not in cfg.args]
+    _check_task(cfg, spec, wants)
+    return {k: getattr(spec, k) for k in wants}
+
+
+def _check_task(cfg: ModelConfig, spec: DataSpec, wants: list[str]) -> None:
+    """What a model asks of the dataset says what it reads: a vocabulary, token windows; classes,
+    labelled samples."""
+    if "vocab_size" in wants and spec.task != "lm":
+        raise ConfigError(
+            f"model={cfg.label} reads token windows (it takes vocab_size), which only dataset=tokens gives"
+            "; use dataset=tokens"
         )
-    if cfg.name in IMAGE_MODELS and len(spec.input_shape) != 3:
+    if "num_classes" in wants and spec.task == "lm":
         raise ConfigError(
-            f"model={cfg.name} needs images (C, H, W) but the dataset gives shape {list(spec.input_shape)}; "
-            "use dataset=mnist|cifar10|fake_images or dataset.input_shape=[3,32,32]"
+            f"model={cfg.label} classifies (it takes num_classes); for dataset=tokens use a decoder: "
+            "model=transformer|llama|moe"
         )
 
 
-def norm_of(cfg: ModelConfig) -> str:
-    """The model's normalisation: model.norm, or the model's default."""
-    return cfg.norm or NORMS[cfg.name][0]
+def _simple_type(annotation: object) -> type | None:
+    """int, float, bool or str, when a parameter is annotated so (others are trusted)."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(name)  # type: ignore[arg-type]
 
 
-def build_model(cfg: ModelConfig, spec: DataSpec) -> StagedModel:
-    check_model_fits_data(cfg, spec)
-    if cfg.name == "mlp":
-        from models.mlp import MLP
+def _fits(kind: type, value: object) -> bool:
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
-        return MLP(spec.input_shape, cfg.hidden, cfg.layers, cfg.ffn_mult, spec.num_classes)
-    if cfg.name == "cnn":
-        from models.cnn import CNN
 
-        return CNN(spec.input_shape[0], cfg.channels, cfg.layers, spec.num_classes, norm_of(cfg))
-    if cfg.name == "resnet18":
-        from models.resnet import ResNet
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """Hydra instantiates `_target_` with the config's keys as a partial (so `_partial_` changes
+    nothing), and paralab completes the call with the dataset's shapes the constructor names."""
+    from hydra.utils import instantiate
 
-        return ResNet(spec.num_classes, spec.input_shape[0], norm_of(cfg))
-    if cfg.name == "llama":
-        from models.llama import Llama
+    fn = model_target(cfg)
+    given = _data_args(fn, cfg, spec)
+    try:
+        model = instantiate({"_target_": cfg.target, "_partial_": True, **cfg.args})(**given)
+    except ConfigError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None and type(e).__name__ == "InstantiationException" else e
+        raise ConfigError(
+            f"model={cfg.label}: {cfg.target}(...) raised {type(cause).__name__}: {cause}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model._target_={cfg.target} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
 
-        return Llama(spec.vocab_size, spec.seq_len, cfg)
-    from models.transformer import Transformer
 
-    return Transformer(spec.vocab_size, spec.seq_len, cfg)
+def meta_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    """The model on the meta device: shapes, parameter counts and FLOPs without memory. A model
+    whose constructor reads tensor values (torchvision's RegNet sizes its blocks so) is built on
+    the CPU and moved."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            return build_model(cfg, spec)
+    except ConfigError as e:
+        if "meta tensor" not in str(e):
+            raise
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        return build_model(cfg, spec).to("meta")
+
+
+def check_model_fits_data(cfg: ModelConfig, spec: DataSpec, dataset: str) -> nn.Module:
+    """Build the model on the meta device and run a batch of two through it: it must give one
+    logit per class (per token, for a language model). Returns the meta model."""
+    model = meta_model(cfg, spec)
+    x, _ = spec.example(2, "meta")
+    try:
+        out = model(x)
+    except Exception as e:
+        raise ConfigError(
+            f"model={cfg.label} fails on a batch of dataset={dataset} (inputs {list(x.shape)}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    want = (2, spec.seq_len, spec.vocab_size) if spec.task == "lm" else (2, spec.num_classes)
+    got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != list(want):
+        what = "a logit per token and vocabulary entry" if spec.task == "lm" else "a logit per class"
+        raise ConfigError(
+            f"model={cfg.label} gives {got} for a batch of 2 of dataset={dataset}, which needs {list(want)} "
+            f"({what}): {_fit_hint(spec)}"
+        )
+    return model
+
+
+def _fit_hint(spec: DataSpec) -> str:
+    if spec.task == "lm":
+        return (
+            "a classifier cannot read token windows; use model=transformer|llama|moe, or a decoder of yours"
+        )
+    return "a decoder cannot read these samples; use dataset=tokens, or a classifier (model=mlp|cnn|resnet18|torchvision)"

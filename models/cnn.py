@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from experiments.config.schema import ConfigError
 from models.norm import norm_layer
 from models.staged import StagedModel
 
@@ -16,16 +17,25 @@ def _conv_block(cin: int, cout: int, stride: int, norm: Callable[[int], nn.Modul
 
 class CNN(StagedModel):
     def __init__(
-        self, in_channels: int, channels: int, layers: int, num_classes: int, norm: str = "group"
+        self, input_shape: tuple[int, ...], num_classes: int, channels: int, layers: int, norm: str = "group"
     ) -> None:
         super().__init__()
         # GroupNorm (the default) keeps samples independent, so data parallelism computes exactly
         # what one process computes on the whole batch; BatchNorm does so only when synchronised.
         make = norm_layer(norm)
-        self.stem = _conv_block(in_channels, channels, 1, make)
+        self.stem = _conv_block(image_channels(input_shape, "cnn"), channels, 1, make)
         # Downsample in every block.
         self.blocks = nn.ModuleDict(
             {str(i): _conv_block(channels * 2**i, channels * 2 ** (i + 1), 2, make) for i in range(layers)}
         )
         width = channels * 2**layers
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+def image_channels(input_shape: tuple[int, ...], model: str) -> int:
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"model={model} needs images (C, H, W) but the dataset gives shape {list(input_shape)}; "
+            "use dataset=mnist|cifar10|fake_images or dataset.input_shape=[3,32,32]"
+        )
+    return input_shape[0]

@@ -7,21 +7,17 @@ its pipeline split points (the blocks) are declared here, beside the model.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.config.schema import ModelConfig
+from experiments.config.schema import ConfigError
+from models.moe import MoE
 from models.staged import StagedModel
+from models.swiglu import FeedForward, ffn_hidden
 from models.tp import decoder_block_plan, sequence_parallel_edges
-
-
-def ffn_hidden(dim: int, ffn_mult: int, multiple_of: int) -> int:
-    """Llama's SwiGLU width: two thirds of ffn_mult·dim (the same parameters as a GELU MLP of
-    ffn_mult·dim), rounded up to a multiple of `multiple_of`."""
-    return multiple_of * math.ceil(int(2 * ffn_mult * dim / 3) / multiple_of)
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -65,49 +61,84 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) · w3 x)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+@dataclass(frozen=True)
+class LlamaArgs:
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn_hidden: int
+    max_len: int
+    rope_theta: float
+    norm_eps: float
+    experts: int
+    top_k: int
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_len: int) -> None:
+    def __init__(self, a: LlamaArgs) -> None:
         super().__init__()
-        dim = cfg.hidden
-        self.attention_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
-        self.attention = Attention(dim, cfg.heads, kv_heads_of(cfg), max_len, cfg.rope_theta)
-        self.ffn_norm = nn.RMSNorm(dim, eps=cfg.norm_eps)
-        self.feed_forward = FeedForward(dim, ffn_hidden(dim, cfg.ffn_mult, cfg.multiple_of))
+        self.attention_norm = nn.RMSNorm(a.hidden, eps=a.norm_eps)
+        self.attention = Attention(a.hidden, a.heads, a.kv_heads, a.max_len, a.rope_theta)
+        self.ffn_norm = nn.RMSNorm(a.hidden, eps=a.norm_eps)
+        self.feed_forward = (
+            MoE(a.hidden, a.ffn_hidden, a.experts, a.top_k)
+            if a.experts
+            else FeedForward(a.hidden, a.ffn_hidden)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attention(self.attention_norm(x))
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def kv_heads_of(cfg: ModelConfig) -> int:
-    """model.kv_heads, where 0 means one kv head per query head (plain multi-head attention)."""
-    return cfg.kv_heads or cfg.heads
-
-
 class Llama(StagedModel):
-    def __init__(self, vocab: int, seq_len: int, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        kv_heads: int,
+        ffn_mult: int,
+        multiple_of: int,
+        rope_theta: float,
+        norm_eps: float,
+        max_seq_len: int,
+        experts: int = 0,
+        top_k: int = 1,
+        aux_loss_coef: float = 0.01,
+    ) -> None:
         super().__init__()
-        max_len = max(cfg.max_seq_len, seq_len)
-        self.stem = nn.Embedding(vocab, cfg.hidden)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, max_len) for i in range(cfg.layers)})
-        self.head = nn.Sequential(
-            nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps), nn.Linear(cfg.hidden, vocab, bias=False)
+        kv_heads = kv_heads or heads  # 0: one kv head per query head (plain multi-head attention)
+        _check(hidden, heads, kv_heads, experts, top_k)
+        a = LlamaArgs(
+            hidden,
+            heads,
+            kv_heads,
+            ffn_hidden(hidden, ffn_mult, multiple_of),
+            max(max_seq_len, seq_len),
+            rope_theta,
+            norm_eps,
+            experts,
+            top_k,
         )
+        self.stem = nn.Embedding(vocab_size, hidden)
+        self.blocks = nn.ModuleDict({str(i): Block(a) for i in range(layers)})
+        self.head = nn.Sequential(nn.RMSNorm(hidden, eps=norm_eps), nn.Linear(hidden, vocab_size, bias=False))
+        self.aux_loss_coef = aux_loss_coef
+        self.moe = [
+            block.feed_forward for block in self.blocks.values() if isinstance(block.feed_forward, MoE)
+        ]
+        self.sizes = [
+            ("model.heads", heads),
+            ("model.kv_heads", kv_heads),
+            ("the SwiGLU width", a.ffn_hidden),
+        ]
 
-    def tp_plan(self, sequence_parallel: bool) -> dict[str, object]:
+    def tp_plan(self, sequence_parallel: bool) -> dict[str, object] | None:
+        if self.moe:  # its experts are split by expert parallelism, not by a Megatron plan
+            return None
         return decoder_block_plan(
             attention_in=("attention.wq", "attention.wk", "attention.wv"),
             attention_out="attention.wo",
@@ -117,5 +148,33 @@ class Llama(StagedModel):
             sequence_parallel=sequence_parallel,
         )
 
+    def tp_divisors(self) -> list[tuple[str, int]]:
+        return self.sizes
+
     def sequence_parallel_edges(self) -> dict[str, object]:
         return sequence_parallel_edges()
+
+    def aux_loss(self) -> Tensor | None:
+        """The routers' load-balancing loss of the last forward, summed over the layers."""
+        if not self.moe:
+            return None
+        terms = [m.last_aux for m in self.moe if m.last_aux is not None]
+        if not terms:  # before the first forward: the model has one, worth nothing yet
+            return torch.zeros((), device=self.head[1].weight.device)
+        return self.aux_loss_coef * torch.stack(terms).sum()
+
+
+def _check(hidden: int, heads: int, kv_heads: int, experts: int, top_k: int) -> None:
+    if hidden % heads:
+        raise ConfigError(f"model.hidden={hidden} is not divisible by model.heads={heads}")
+    if heads % kv_heads:
+        raise ConfigError(
+            f"model.kv_heads={kv_heads} must divide model.heads={heads} (each kv head serves "
+            "as many query heads as every other)"
+        )
+    if (hidden // heads) % 2:
+        raise ConfigError(
+            f"model.hidden / model.heads = {hidden // heads} must be even: rotary positions turn pairs of features"
+        )
+    if experts and not 1 <= top_k <= experts:
+        raise ConfigError(f"model.top_k={top_k} must be between 1 and model.experts={experts}")

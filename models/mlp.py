@@ -22,13 +22,19 @@ class MLPBlock(nn.Module):
 
 
 class MLP(StagedModel):
-    def __init__(self, in_shape: tuple[int, ...], hidden: int, layers: int, ffn_mult: int, out: int) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, hidden: int, layers: int, ffn_mult: int
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), hidden))
+        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), hidden))
         self.blocks = nn.ModuleDict({str(i): MLPBlock(hidden, ffn_mult * hidden) for i in range(layers)})
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out))
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, num_classes))
+        self.sizes = [("model.hidden", hidden), ("the MLP width ffn_mult×hidden", ffn_mult * hidden)]
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, object]:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
         return {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+
+    def tp_divisors(self) -> list[tuple[str, int]]:
+        return self.sizes

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from experiments.config.schema import ModelConfig
+from experiments.config.schema import ConfigError
 from models.staged import StagedModel
 from models.tp import decoder_block_plan, sequence_parallel_edges
 
@@ -65,13 +65,30 @@ class Embedding(nn.Module):
 
 
 class Transformer(StagedModel):
-    def __init__(self, vocab: int, seq_len: int, cfg: ModelConfig) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        hidden: int,
+        layers: int,
+        heads: int,
+        ffn_mult: int,
+        max_seq_len: int,
+    ) -> None:
         super().__init__()
-        self.stem = Embedding(vocab, cfg.hidden, max(cfg.max_seq_len, seq_len))
-        self.blocks = nn.ModuleDict(
-            {str(i): Block(cfg.hidden, cfg.heads, cfg.ffn_mult * cfg.hidden) for i in range(cfg.layers)}
-        )
-        self.head = nn.Sequential(nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, vocab, bias=False))
+        if hidden % heads:
+            raise ConfigError(f"model.hidden={hidden} is not divisible by model.heads={heads}")
+        self.stem = Embedding(vocab_size, hidden, max(max_seq_len, seq_len))
+        self.blocks = nn.ModuleDict({str(i): Block(hidden, heads, ffn_mult * hidden) for i in range(layers)})
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, vocab_size, bias=False))
+        self.sizes = [
+            ("model.hidden", hidden),
+            ("the MLP width ffn_mult×hidden", ffn_mult * hidden),
+            ("model.heads", heads),
+        ]
+
+    def tp_divisors(self) -> list[tuple[str, int]]:
+        return self.sizes
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, object]:
         return decoder_block_plan(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from experiments.config.schema import Config
-from models import LM_MODELS
+from models import HIDDEN_WIDTH
 from parallel.mesh import Degrees
 from parallel.strategies.pipeline import stage_ids, stages_per_rank
 
@@ -179,8 +179,10 @@ def tp_comm(x: Setting) -> Payload | None:
     cfg = x.cfg
     if cfg.strategy.sequence_parallel:
         return None
-    h, a = cfg.model.hidden, cfg.train.grad_accum_steps
-    transformer = cfg.model.name in LM_MODELS
+    if cfg.model.target not in HIDDEN_WIDTH:
+        return None
+    h, a = cfg.model.get("hidden"), cfg.train.grad_accum_steps
+    transformer = x.seq_len > 0
     pairs = 2 if transformer else 1
     layers = x.sizes.blocks_here
     tokens = x.local_batch * (x.seq_len if transformer else 1) // a
@@ -194,11 +196,9 @@ def fsdp_tp_comm(x: Setting) -> Payload | None:
 
 def _boundary_features(cfg: Config, seq_len: int) -> int | None:
     """Elements per sample that cross a stage boundary (the blocks' output), where it is one shape."""
-    if cfg.model.name == "mlp":
-        return cfg.model.hidden
-    if cfg.model.name in LM_MODELS:
-        return seq_len * cfg.model.hidden
-    return None
+    if cfg.model.target not in HIDDEN_WIDTH:
+        return None
+    return cfg.model.get("hidden") * max(seq_len, 1)
 
 
 def pp_comm(x: Setting) -> Payload | None:

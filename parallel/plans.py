@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from experiments.config.schema import Config, ConfigError
-from models import SP_MODELS, TP_MODELS, num_blocks, tp_split_sizes
+from models.staged import StagedModel, aux_loss_of, blocks_of, tp_plan_of
 from parallel.mesh import Degrees
 from parallel.registry import StrategySpec
 from parallel.strategies.pipeline import SCHEDULES, V_SCHEDULES, is_multi_stage, stages_per_rank
 
 
-def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
-    s, m = cfg.strategy, cfg.model
+def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec, model: nn.Module) -> None:
+    """`model`: built on the meta device; what it declares (models/staged.py) is what it offers."""
+    s, name = cfg.strategy, cfg.model.label
+    drops = spec.drops_aux_loss or (
+        "a pipeline computes the loss on its last stage, without the other stages' routers"
+        if spec.pipelined
+        else ""
+    )
+    if drops and aux_loss_of(model) is not None:
+        raise ConfigError(
+            f"strategy={s.name} cannot add model={name}'s auxiliary loss to the loss it trains on "
+            f"({drops}); use ddp, fsdp, zero1|2|3 or deepspeed"
+        )
     if spec.needs_tp_plan:
-        if m.name not in TP_MODELS:
+        if tp_plan_of(model) is None:
             raise ConfigError(
-                f"strategy={s.name} needs a tensor-parallel plan and model={m.name} has none; "
-                f"models with one: {', '.join(TP_MODELS)}"
+                f"strategy={s.name} needs a TP plan; model={name} declares none (blocks and tp_plan, "
+                "docs/models.md); models with one: mlp, transformer, llama"
             )
-        for what, size in tp_split_sizes(m):
+        for what, size in model.tp_divisors():  # type: ignore[operator]
             if size < degrees.tp and what == "model.kv_heads":
                 raise ConfigError(
                     f"tp degree {degrees.tp} is more than {what} = {size}: each TP rank needs a kv head of "
@@ -26,10 +39,10 @@ def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
             if size % degrees.tp:
                 raise ConfigError(f"tp degree {degrees.tp} does not divide {what} = {size}")
     if s.sequence_parallel:
-        if m.name not in SP_MODELS or not spec.needs_tp_plan:
+        if not hasattr(model, "sequence_parallel_edges") or not spec.needs_tp_plan:
             raise ConfigError(
-                f"strategy.sequence_parallel needs model={' or model='.join(SP_MODELS)} and a "
-                "tensor-parallel strategy"
+                f"strategy.sequence_parallel needs a tensor-parallel strategy and a model with sequence-"
+                f"parallel edges (transformer, llama); model={name} has none"
             )
         if degrees.pp > 1:
             raise ConfigError("strategy.sequence_parallel with pipeline stages is not supported; set pp=1")
@@ -38,10 +51,10 @@ def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
                 f"tp degree {degrees.tp} does not divide dataset.seq_len = {cfg.dataset.seq_len}"
             )
     if spec.pipelined:
-        _check_pipeline(cfg, degrees, spec)
+        _check_pipeline(cfg, degrees, spec, model)
 
 
-def _check_pipeline(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
+def _check_pipeline(cfg: Config, degrees: Degrees, spec: StrategySpec, model: nn.Module) -> None:
     s, t = cfg.strategy, cfg.train
     if s.schedule not in SCHEDULES:
         raise ConfigError(f"strategy.schedule={s.schedule} is not one of: {', '.join(SCHEDULES)}")
@@ -62,11 +75,16 @@ def _check_pipeline(cfg: Config, degrees: Degrees, spec: StrategySpec) -> None:
     if s.schedule in V_SCHEDULES and v != 2:
         raise ConfigError(f"strategy.schedule={s.schedule} places exactly 2 stages per rank")
     stages = degrees.pp * v
-    blocks = num_blocks(cfg.model)
-    if stages > blocks:
+    blocks = blocks_of(model)
+    if not isinstance(model, StagedModel) or blocks is None:
         raise ConfigError(
-            f"{stages} pipeline stages (pp={degrees.pp} × {v} per rank) but model={cfg.model.name} has {blocks} "
-            "blocks; lower the pp degree or raise model.layers"
+            f"strategy={s.name} needs a sequence of blocks to cut into stages; model={cfg.model.label} "
+            "is not one (a StagedModel: stem, blocks, head; docs/models.md)"
+        )
+    if stages > len(blocks):
+        raise ConfigError(
+            f"{stages} pipeline stages (pp={degrees.pp} × {v} per rank) but model={cfg.model.label} has "
+            f"{len(blocks)} blocks; lower the pp degree or raise model.layers"
         )
     if s.microbatches < 1:
         raise ConfigError(f"strategy.microbatches={s.microbatches} must be >= 1")

@@ -94,6 +94,8 @@ class StrategySpec:
     syncs_batchnorm: bool = False
     # Loads a checkpoint (train.resume): refused before launch where not. Saving always works.
     resumable: bool = True
+    # Why it cannot add a model's auxiliary loss (a mixture of experts') to the loss; "" = it can.
+    drops_aux_loss: str = ""
 
     def record_name(self, s: StrategyConfig) -> str:
         return self.label(s) if self.label is not None else s.name
@@ -123,7 +125,14 @@ STRATEGIES: dict[str, StrategySpec] = {
         shards="nothing: the reference run",
     ),
     # DataParallel copies through torch.cuda.comm, never c10d: no process-group traffic at all.
-    "dp": StrategySpec(apply_dp, None, stage="dp", comm=no_comm, shards="the batch over GPUs in one process"),
+    "dp": StrategySpec(
+        apply_dp,
+        None,
+        stage="dp",
+        comm=no_comm,
+        shards="the batch over GPUs in one process",
+        drops_aux_loss="nn.DataParallel's replicas compute it, and are dropped after each forward",
+    ),
     "ddp": StrategySpec(
         apply_ddp,
         "dp_replicate",

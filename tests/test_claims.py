@@ -16,14 +16,13 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from experiments.config.schema import DatasetConfig, LauncherConfig, ModelConfig, StrategyConfig, TrainConfig
+from experiments.config.schema import DatasetConfig, LauncherConfig, StrategyConfig, TrainConfig, typed_config
 from experiments.report.parity import compose_config, run_case
 from parallel.strategies.deepspeed import installed as deepspeed_installed
 from tests.helpers import REPO, TINY, SharedJobs, child_env, run, start_agents, tb_scalars
 
 GROUPS = {
     "strategy": StrategyConfig,
-    "model": ModelConfig,
     "dataset": DatasetConfig,
     "launcher": LauncherConfig,
     "train": TrainConfig,
@@ -303,7 +302,7 @@ def test_fsdp_checkpoint_from_4_ranks_loads_into_fsdp_on_2_ranks(jobs, tmp_path)
     from models import build_model
 
     def fresh_model(overrides: list[str]):
-        cfg = compose_config(overrides)
+        cfg = typed_config(compose_config(overrides))
         return build_model(cfg.model, dataset_spec(cfg.dataset))
 
     # Every run ends with a checkpoint (train.checkpoint_every=0: only the final one).

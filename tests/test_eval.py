@@ -15,7 +15,7 @@ import torch
 from data import build_dataset, take
 from data.sampler import eval_index_batches
 from data.tokens import TokenWindows, markov_stream
-from experiments.config.schema import DatasetConfig
+from experiments.config.schema import DatasetConfig, typed_config
 from experiments.report.parity import compose_config, run_case
 from tests.helpers import TINY, run
 
@@ -108,7 +108,6 @@ def test_eval_shards_count_every_sample_exactly_once(n, dp):
 
 
 def test_short_run_beats_chance_and_returns_the_objective(tmp_path):
-    from omegaconf import OmegaConf
 
     from experiments.run.job import execute
 
@@ -116,12 +115,12 @@ def test_short_run_beats_chance_and_returns_the_objective(tmp_path):
     overrides += ["dataset.val_samples=200", "model.hidden=32"]
     cfg = compose_config(overrides)
     (tmp_path / "job").mkdir()
-    objective = execute(cfg, OmegaConf.to_object(cfg), tmp_path / "job")
+    objective = execute(cfg, typed_config(cfg), tmp_path / "job")
     m = json.loads((tmp_path / "job" / "metrics.json").read_text())
     assert objective == m["val_loss"] == m["evals"][-1]["val_loss"]
     assert [e["step"] for e in m["evals"]] == [20, 40] and m["val_ppl"] is None
     # Chance, from the held-out labels themselves: always answering the commonest class.
-    typed = OmegaConf.to_object(cfg)
+    typed = typed_config(cfg)
     labels = build_dataset(typed.dataset, typed.seed, "val").tensors[1]
     chance = labels.bincount().max().item() / len(labels)
     assert m["val_acc"] > chance + 0.1, (m["val_acc"], chance)

@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from experiments.config.schema import ConfigError
+from experiments.config.schema import ConfigError, typed_config
 from experiments.report.parity import compose_config
 from experiments.run.validate import validate
 from tests.helpers import TINY
@@ -37,7 +36,7 @@ def job(tmp_path: Path, *overrides: str) -> Iterator[Job]:
 
 @pytest.mark.parametrize("override", ["launcher.timeout_s=0", "launcher.grace_s=-1"])
 def test_timeout_and_grace_are_range_checked(override):
-    cfg = OmegaConf.to_object(compose_config([override]))
+    cfg = typed_config(compose_config([override]))
     with pytest.raises(ConfigError, match=override.split(".")[1]):
         validate(cfg)  # type: ignore[arg-type]
 

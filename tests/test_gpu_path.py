@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from data import dataset_spec
+from experiments.config.schema import typed_config
 from experiments.measure.flops import compute_dtype, datasheet_peak, training_flops_per_sample
 from experiments.measure.theory import ring_bytes
 from experiments.report.parity import compose_config
@@ -20,7 +20,7 @@ from tests.helpers import REPO, child_env
 
 
 def _flops(*overrides: str) -> tuple[float, int, int]:
-    cfg = OmegaConf.to_object(compose_config(["strategy=single", "launcher=local", *overrides]))
+    cfg = typed_config(compose_config(["strategy=single", "launcher=local", *overrides]))
     spec = dataset_spec(cfg.dataset)  # type: ignore[union-attr]
     n = sum(p.numel() for p in build_model(cfg.model, spec).parameters())  # type: ignore[union-attr]
     flops, _ = training_flops_per_sample(lambda: build_model(cfg.model, spec), spec, loss_fn_for(spec))  # type: ignore[union-attr]
@@ -57,7 +57,7 @@ def test_attention_flops_grow_with_the_sequence():
     ],
 )
 def test_mfu_peak_follows_the_dtype_the_step_computes_in(overrides, tf32_matmul, tf32_conv, has_conv, dtype):
-    cfg = OmegaConf.to_object(compose_config(["strategy=ddp", *overrides]))
+    cfg = typed_config(compose_config(["strategy=ddp", *overrides]))
     assert compute_dtype(cfg, tf32_matmul, tf32_conv, has_conv) == dtype  # type: ignore[arg-type]
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.config.schema import typed_config
 from tests.helpers import REPO, TINY
 from tests.procs import children
 
@@ -118,6 +119,32 @@ TABLE = [
     Bad((*LLAMA, "model.kv_heads=3"), "model.kv_heads=3", "kv heads that do not divide the heads"),
     Bad((*LLAMA, "model.heads=8", "model.hidden=24"), "model.hidden", "an odd rotary head size"),
     Bad((*LLAMA, "strategy=tp", "launcher.nproc_per_node=4"), "model.kv_heads", "tp above the kv heads"),
+    # Models (docs/models.md): each refusal names the key or what the model lacks.
+    Bad(("model=torchvision", "dataset=fake_images", "model.arch=resnet9000"), "model.arch=resnet9000"),
+    Bad(
+        ("model=torchvision", "dataset=fake_images", "model.arch=vit_b_16", "strategy=tp"),
+        "strategy=tp needs a TP plan; model=vit_b_16 declares none",
+    ),
+    Bad(
+        ("model=torchvision", "dataset=fake_images", "model.arch=vit_b_16", "strategy=pp"),
+        "model=vit_b_16 is not",
+    ),
+    Bad(
+        ("model=torchvision", "dataset=fake_images", "model.arch=alexnet"),
+        "fails on a batch of dataset=fake_images",
+    ),
+    Bad(("model=torchvision",), "needs images"),
+    Bad(("model=moe", "dataset=tokens", "strategy=pp"), "auxiliary loss"),
+    Bad(("model=moe", "dataset=tokens", "strategy=dp", "launcher=local"), "auxiliary loss"),
+    Bad(("model=moe", "dataset=tokens", "model.top_k=5"), "model.top_k=5"),
+    Bad(("model=moe", "dataset=tokens", "model.top_k=0"), "model.top_k=0"),
+    Bad(("model=llama", "dataset=tokens", "model.heads=5"), "model.heads=5"),
+    Bad(("model=llama",), "reads token windows"),
+    Bad(("model=mlp", "dataset=tokens"), "classifies"),
+    Bad(("model._target_=nowhere.Net",), "model._target_=nowhere.Net does not import"),
+    Bad(("model.hidden=wide",), "model.hidden='wide' must be int"),
+    Bad(("+model.hiddn=3",), "did you mean hidden?"),
+    Bad(("+dataset.args.n=3",), "dataset.args"),
 ]
 
 
@@ -154,7 +181,7 @@ def test_a_typo_in_a_groups_config_file_names_the_key_and_the_file(monkeypatch, 
     """A user's own model config, found through hydra.searchpath, with a key its schema lacks."""
     conf = tmp_path / "my_project" / "conf"
     (conf / "model").mkdir(parents=True)
-    (conf / "model" / "my_net.yaml").write_text("name: mlp\nhiddn: 3\n")
+    (conf / "model" / "my_net.yaml").write_text("_target_: models.mlp.MLP\nname: mlp\nhiddn: 3\n")
     line = rejected(monkeypatch, capfd, tmp_path, f"hydra.searchpath=[file://{conf}]", "model=my_net")
     assert "model/my_net.yaml" in line and "model.hiddn" in line and "did you mean hidden?" in line, line
 
@@ -233,12 +260,11 @@ def test_resuming_into_a_strategy_that_cannot_load_is_refused_before_launch(
     assert lines[0].startswith("paralab: config error: strategy=deepspeed cannot resume"), lines
     assert f"train.resume={source} in a new hydra.run.dir" in lines[0], lines
     # Torch's strategies load it.
-    from omegaconf import OmegaConf
 
     from experiments.run.validate import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        validate(OmegaConf.to_object(compose("config", overrides=[*TINY, f"train.resume={source}"])))
+        validate(typed_config(compose("config", overrides=[*TINY, f"train.resume={source}"])))
 
 
 LOCAL = (*TINY, "strategy=single", "launcher=local")
@@ -257,7 +283,7 @@ def test_a_resume_source_that_cannot_load_is_one_line_naming_what_differs(monkey
     assert f"train.resume={source} cannot be loaded: it holds no stem.tok.weight" in line, line
     # The same model, wider: the first tensor of another shape.
     line = rejected(monkeypatch, capfd, tmp_path, *LOCAL, "model.hidden=24", f"train.resume={source}")
-    assert "its stem.1.weight is [16, 8], this model's is [24, 8]" in line, line
+    assert "its stem.1.weight is [64, 8], this model's is [24, 8]" in line, line
     # A truncated shard: named, before launch.
     shard = _shard(source / "checkpoints" / "step_2")
     shard.write_bytes(shard.read_bytes()[:100])

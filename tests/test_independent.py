@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.data import TensorDataset
 
 from data.sampler import ShardedBatchSampler, eval_index_batches
 from data.spec import DataSpec
+from experiments.config.schema import typed_config
 from experiments.report.parity import compose_config, run_case
 from experiments.train.evaluate import Evaluator
 from experiments.train.setup import loss_fn_for
@@ -227,7 +227,7 @@ def test_the_sampler_deals_the_documented_permutation_and_resumes_exactly(ranks)
 
 def evaluate_on(x: torch.Tensor, y: torch.Tensor, task: str, batch: int):
     """Paralab's Evaluator over (x, y) with a model whose output is its input: the logits are x."""
-    cfg = OmegaConf.to_object(compose_config(["train.eval_samples=-1", f"train.global_batch_size={batch}"]))
+    cfg = typed_config(compose_config(["train.eval_samples=-1", f"train.global_batch_size={batch}"]))
     ctx = StrategyContext(cfg, torch.device("cpu"), loss_fn_for(SimpleNamespace(task=task)))
     model = torch.nn.Identity()
     par = SimpleNamespace(model=model, holds_loss=True, eval_forward=lambda xb, yb: xb)

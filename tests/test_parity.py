@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from data import dataset_spec
-from experiments.config.schema import Config
+from experiments.config.schema import typed_config
 from experiments.report.parity import compose_config, deviations, reference_overrides, run_case, tolerance
 from experiments.train.checkpoint import load_full_model_state
 from models import build_model
@@ -48,6 +48,30 @@ LLAMA = (
     "dataset.vocab_size=32",
 )
 LLAMA8 = (*LLAMA, "model.heads=8", "model.kv_heads=4")
+# Llama with 4 SwiGLU experts per block, each token routed to 2 of them (dropless), and the
+# load-balancing loss added: a split of the batch computes what one process computes.
+MOE = (
+    "model=moe",
+    "dataset=tokens",
+    "model.hidden=32",
+    "model.heads=4",
+    "model.kv_heads=2",
+    "model.layers=2",
+    "model.multiple_of=8",
+    "dataset.seq_len=16",
+    "dataset.vocab_size=32",
+)
+# torchvision's ResNet-18 through the zoo's path, with GroupNorm (samples independent, so
+# microbatches compute what the whole batch does), cut into stem, layer1..4, head.
+ZOO = (
+    "model=torchvision",
+    "model.arch=resnet18",
+    "model.norm=group",
+    "dataset=fake_images",
+    "dataset.input_shape=[3,16,16]",
+    "train.lr=0.001",
+    "train.precision=fp64",
+)
 CNN = (
     "model=cnn",
     "dataset=fake_images",
@@ -97,7 +121,15 @@ class Case:
         return [*self.common, *self.model, f"strategy={self.strategy}", *self.launcher(), *self.extra]
 
     def __str__(self) -> str:
-        model = {tuple(GPT): "gpt", CNN: "cnn", RESNET: "resnet18", LLAMA: "llama", LLAMA8: "llama8"}
+        model = {
+            tuple(GPT): "gpt",
+            CNN: "cnn",
+            RESNET: "resnet18",
+            LLAMA: "llama",
+            LLAMA8: "llama8",
+            MOE: "moe",
+            ZOO: "torchvision_resnet18",
+        }
         model = model.get(self.model, "mlp")
         extra = (f"{k.split('.')[-1]}={v}" for k, v in (e.split("=", 1) for e in self.extra))
         return "-".join([self.strategy, f"ws{self.world}", model, *extra])
@@ -156,6 +188,9 @@ MATRIX = [
     Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b",)),
     Case("fsdp_tp", 4, LLAMA),
     Case("ddp_pp", 4, LLAMA),
+    Case("ddp", 2, MOE),
+    Case("fsdp", 2, MOE, ("model.top_k=1",)),
+    Case("pp", 2, ZOO),
 ]
 # DeepSpeed's engine (an optional extra): ZeRO-3 in make test, every stage and AdamW in full. The
 # parameter server over torch.distributed.rpc.
@@ -164,6 +199,10 @@ MATRIX += [
     Case("ps", 2),
 ]
 FULL = [
+    Case("fsdp", 4, MOE, ("train.grad_accum_steps=2",)),
+    *(Case(s, 2, MOE) for s in ("zero1", "zero3")),
+    Case("ddp", 2, MOE, ("train.precision=bf16",)),
+    Case("ddp", 4, ZOO),
     *(Case(s, 2, LLAMA) for s in ("zero1", "zero2")),
     Case("fsdp", 4, LLAMA, ("train.grad_accum_steps=2",)),
     *(
@@ -198,7 +237,7 @@ def references(tmp_path_factory):
 
 
 def fresh_model(overrides: list[str]):
-    cfg: Config = compose_config(overrides)  # type: ignore[assignment]
+    cfg = typed_config(compose_config(overrides))
     return build_model(cfg.model, dataset_spec(cfg.dataset))
 
 

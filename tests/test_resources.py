@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from experiments.config.schema import Config
+from experiments.config.schema import Config, typed_config
 from experiments.measure.predict import predict
 from experiments.measure.record import Tag
 from experiments.measure.theory import Precision, zero_model_state_bytes
@@ -33,7 +32,7 @@ ADAMW = ("train.optimizer=adamw",)
 
 
 def _config(*overrides: str, world: int) -> tuple[Config, Degrees]:
-    cfg: Config = OmegaConf.to_object(  # type: ignore[assignment]
+    cfg: Config = typed_config(  # type: ignore[assignment]
         compose_config([*SMALL, *overrides, f"launcher.nproc_per_node={world}"])
     )
     return cfg, resolve_degrees(cfg.strategy, world)

@@ -14,6 +14,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from experiments.config.schema import typed_config
 from experiments.report.parity import deviations, run_case
 from experiments.run.launch import JobFailed
 from experiments.train.checkpoint import COMPLETE, complete_checkpoints, resolve
@@ -120,7 +121,6 @@ def test_deepspeed_checkpoint_resumes_in_torch(source, target, tmp_path):
 
 @NEEDS_DEEPSPEED
 def test_resuming_into_deepspeed_is_one_clear_error(tmp_path):
-    from omegaconf import OmegaConf
 
     from experiments.config.schema import ConfigError
     from experiments.report.parity import compose_config
@@ -136,7 +136,7 @@ def test_resuming_into_deepspeed_is_one_clear_error(tmp_path):
     cfg = compose_config(overrides)
     (tmp_path / "target").mkdir()
     with pytest.raises(JobFailed) as failed:
-        execute(cfg, OmegaConf.to_object(cfg), tmp_path / "target")  # type: ignore[arg-type]
+        execute(cfg, typed_config(cfg), tmp_path / "target")  # type: ignore[arg-type]
     assert "cannot resume from a checkpoint yet" in failed.value.message, failed.value.message
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from omegaconf import OmegaConf
 
+from experiments.config.schema import typed_config
 from experiments.measure.theory import (
     FP32_ADAM,
     MIXED_ADAM,
@@ -79,16 +79,19 @@ def test_fp32_adam_formulas():
 
 
 def _setting(*overrides: str, world: int):
+    from data import dataset_spec
     from experiments.report.parity import compose_config
     from parallel.costs import Setting
     from parallel.registry import resolve_degrees
 
-    cfg = OmegaConf.to_object(compose_config([*overrides, f"launcher.nproc_per_node={world}"]))
+    cfg = typed_config(compose_config([*overrides, f"launcher.nproc_per_node={world}"]))
     d = resolve_degrees(cfg.strategy, world)
     return (
         cfg,
         d,
-        lambda sizes: Setting(cfg, d, sizes, cfg.train.global_batch_size // d.dp, cfg.dataset.seq_len),
+        lambda sizes: Setting(
+            cfg, d, sizes, cfg.train.global_batch_size // d.dp, dataset_spec(cfg.dataset).seq_len
+        ),
     )
 
 
@@ -133,7 +136,7 @@ def test_the_running_tp_prediction_is_megatrons():
     cfg, _, setting = _setting(
         "strategy=tp", "model=transformer", "dataset=tokens", f"model.layers={layers}", world=t
     )
-    b, s, h = cfg.train.global_batch_size, cfg.dataset.seq_len, cfg.model.hidden
+    b, s, h = cfg.train.global_batch_size, cfg.dataset.seq_len, cfg.model.args["hidden"]
     predicted = _wire(get_spec("tp").comm(setting(ModelSizes(1, 4, blocks_here=layers))))
     assert predicted == pytest.approx(4 * layers * tp_elements_per_layer(b, s, h, t))
 
@@ -144,7 +147,8 @@ def test_transformer_parameter_count_matches_our_model():
     from models import build_model
 
     h, v, layers, max_len = 32, 50, 3, 64
-    cfg = ModelConfig(name="transformer", hidden=h, layers=layers, heads=4, ffn_mult=4, max_seq_len=max_len)
+    args = {"hidden": h, "layers": layers, "heads": 4, "ffn_mult": 4, "max_seq_len": max_len}
+    cfg = ModelConfig(target="models.transformer.Transformer", args=args)
     model = build_model(cfg, DataSpec("lm", (16,), vocab_size=v, seq_len=16))
     # The playbook's N ties input and output embeddings and has no position table: ours adds both.
     assert (

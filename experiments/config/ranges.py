@@ -75,6 +75,9 @@ BOUNDS: dict[str, Bound] = {
     "model.multiple_of": AT_LEAST_1,
     "model.rope_theta": ABOVE_0,
     "model.norm_eps": ABOVE_0,
+    "model.experts": AT_LEAST_0,  # 0: a dense feed-forward
+    "model.top_k": AT_LEAST_1,
+    "model.aux_loss_coef": AT_LEAST_0,
     "dataset.num_samples": AT_LEAST_1,
     "dataset.val_samples": AT_LEAST_1,
     "dataset.num_classes": Bound(2),
@@ -102,12 +105,16 @@ RDZV_ID = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")
 
 
 def leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) of every leaf of a config dataclass."""
+    """(dotted key, value) of every leaf of a config dataclass; a model's arguments are keys of
+    the model (`model.hidden`), as its config spells them."""
+    if isinstance(node, dict):
+        return [leaf for k, v in node.items() for leaf in leaves(v, f"{prefix}.{k}")]
     if not dataclasses.is_dataclass(node):
         return [(prefix, node)]
     out: list[tuple[str, object]] = []
     for f in dataclasses.fields(node):
-        out += leaves(getattr(node, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+        key = prefix if f.name == "args" else f"{prefix}.{f.name}" if prefix else f.name
+        out += leaves(getattr(node, f.name), key)
     return out
 
 
@@ -125,7 +132,9 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r} holds a control character (a newline?); remove it")
     for key, bound in BOUNDS.items():
         value = values.get(key)
-        if value is not None and not bound.holds(value):  # type: ignore[arg-type]
+        # A number: a user's model may give these names arguments of other types.
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and not bound.holds(value):  # type: ignore[arg-type]
             raise ConfigError(f"{key}={value} must be {bound.broken_by(value)}")  # type: ignore[arg-type]
     for key in PATH_KEYS:
         _check_path(key, values[key])  # type: ignore[arg-type]

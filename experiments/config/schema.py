@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -131,29 +132,50 @@ class StrategyConfig:
     stages_per_rank: int = 1
 
 
+# Keys of a model config that are Hydra's or paralab's, not the constructor's.
+MODEL_KEYS = ("_target_", "_partial_", "name")
+
+
 @dataclass
 class ModelConfig:
-    name: str = MISSING  # mlp | cnn | resnet18 | transformer | llama
-    hidden: int = 64
-    layers: int = 4
-    ffn_mult: int = 4
-    heads: int = 4
-    channels: int = 16
-    max_seq_len: int = 256
-    # llama: kv heads for grouped-query attention (0 = one per query head), the SwiGLU width's
-    # rounding, the rotary base and RMSNorm's epsilon.
-    kv_heads: int = 0
-    multiple_of: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # cnn, resnet18: batch | sync_batch (BatchNorm synchronised over the data-parallel ranks) | group.
-    # Empty: the model's own (cnn: group, resnet18: batch).
-    norm: str = ""
+    """A model: what its config's `_target_` names (an nn.Module class, or a function returning
+    one), called with the config's other keys (`args`) and the dataset's shapes it asks for
+    (models/__init__.py). The model group is open: its keys are the constructor's arguments, so a
+    user's model brings its own; a key the constructor does not take is refused before launch."""
+
+    target: str = MISSING  # _target_
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str = ""  # a label for logs and reports; the target's last name when empty
+    source: str = ""  # the config file it came from, where known: errors name it
+
+    @property
+    def label(self) -> str:
+        return self.name or self.target.rpartition(".")[2].lower()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.args.get(key, default)
+
+
+def model_config(node: Any) -> ModelConfig:
+    """The typed model from its composed (or frozen) node."""
+    if isinstance(node, ModelConfig):
+        return node
+    if not isinstance(node, dict) or not node.get("_target_"):
+        raise ConfigError(
+            "model has no _target_: a model config names the class that builds it, e.g. "
+            "_target_: models.mlp.MLP (docs/models.md)"
+        )
+    if not isinstance(node["_target_"], str):
+        raise ConfigError(f"model._target_={node['_target_']} must be a dotted name, e.g. models.mlp.MLP")
+    name = node.get("name", "")
+    args = {k: v for k, v in node.items() if k not in MODEL_KEYS}
+    # _partial_ is how paralab calls every model (models.build_model); true or not, it is the same.
+    return ModelConfig(target=node["_target_"], args=args, name=str(name))
 
 
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # synthetic | tokens | mnist | cifar10 | fake_images
+    name: str = MISSING  # synthetic | tokens | mnist | cifar10 | fake_images, or a user's dataset
     root: str = "data_root"
     download: bool = False
     # torchvision checks CIFAR files against published MD5s; tiny test files cannot match them.
@@ -169,6 +191,10 @@ class DatasetConfig:
     text_file: str = ""
     num_workers: int = 0
     shuffle: bool = True
+    # A user's dataset (data/user.py): the class or function `_target_` names, called with `args`
+    # and the split; its samples' shapes and classes are the keys above, checked before launch.
+    _target_: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -202,7 +228,8 @@ class LauncherConfig:
 @dataclass
 class Config:
     strategy: StrategyConfig = MISSING
-    model: ModelConfig = MISSING
+    # Open: a model's keys are its constructor's (ModelConfig.args); typed by model_config().
+    model: Any = MISSING
     dataset: DatasetConfig = MISSING
     launcher: LauncherConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -229,8 +256,14 @@ def save_frozen(cfg: DictConfig, job_dir: Path) -> str:
 def load_frozen(job_dir: Path, text: str | None = None) -> Config:
     """The job's config: `text` when the launcher passed it, else the job dir's frozen file."""
     frozen = OmegaConf.create(text) if text is not None else OmegaConf.load(job_dir / FROZEN_CONFIG)
-    loaded = OmegaConf.merge(OmegaConf.structured(Config), frozen)
-    return OmegaConf.to_object(loaded)  # type: ignore[return-value]
+    return typed_config(OmegaConf.merge(OmegaConf.structured(Config), frozen))
+
+
+def typed_config(cfg: DictConfig) -> Config:
+    """The composed config as dataclasses, its open model node typed."""
+    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed.model = model_config(typed.model)
+    return typed
 
 
 class ConfigError(ValueError):

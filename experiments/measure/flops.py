@@ -64,13 +64,6 @@ def peak_flops_per_s(device: torch.device, cfg: Config, has_conv: bool) -> tuple
     return datasheet_peak(torch.cuda.get_device_name(device), dtype), dtype
 
 
-def example_batch(spec: DataSpec, n: int, device: str) -> tuple[Tensor, Tensor]:
-    if spec.task == "lm":
-        x = torch.zeros((n, spec.seq_len), dtype=torch.long, device=device)
-        return x, torch.zeros((n, spec.seq_len), dtype=torch.long, device=device)
-    return torch.zeros((n, *spec.input_shape), device=device), torch.zeros(n, dtype=torch.long, device=device)
-
-
 def training_flops_per_sample(
     build: Callable[[], torch.nn.Module], spec: DataSpec, loss_fn: Callable[[Tensor, Tensor], Tensor]
 ) -> tuple[float, bool]:
@@ -81,7 +74,7 @@ def training_flops_per_sample(
         model = build()
     has_conv = any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
     n = 2  # BatchNorm refuses to train on one sample; every counted op is linear in the batch
-    x, y = example_batch(spec, n, "meta")
+    x, y = spec.example(n, "meta")
     with FlopCounterMode(display=False) as counter:
         loss_fn(model(x), y).backward()
     return counter.get_total_flops() / n, has_conv

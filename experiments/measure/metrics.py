@@ -81,7 +81,7 @@ class TensorBoardSink:
 # Overlay the same metric across every job of a sweep (TensorBoard's Custom Scalars tab).
 LAYOUT = {
     "paralab": {
-        "loss": ["Multiline", [Tag.LOSS]],
+        "loss": ["Multiline", [Tag.LOSS, Tag.AUX_LOSS]],
         "held-out loss, accuracy, perplexity": ["Multiline", [Tag.VAL_LOSS, Tag.VAL_ACC, Tag.VAL_PPL]],
         "throughput": ["Multiline", [Tag.SAMPLES, Tag.TOKENS]],
         "step time": ["Multiline", [Tag.STEP_TIME, Tag.DATA_TIME]],

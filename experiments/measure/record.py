@@ -25,6 +25,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 class Tag:
     LOSS = "loss/train"
+    # A mixture of experts' load-balancing loss: a part of loss/train, shown on its own.
+    AUX_LOSS = "loss/aux"
     # Held-out metrics, at each evaluation's step: mean loss, accuracy (classification) and
     # perplexity (language modelling) over the evaluated samples.
     VAL_LOSS = "loss/val"

@@ -32,7 +32,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -40,7 +39,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torch.nn.parallel import DistributedDataParallel
 
 from data import build_dataset, dataset_spec
-from experiments.config.schema import Config
+from experiments.config.schema import Config, typed_config
 from experiments.measure.log import setup_rank_logging
 from experiments.measure.record import RunRecord
 from experiments.report.parity import compose_config
@@ -233,7 +232,7 @@ def case_config(strategy: str, size: Size, steps: int, extra: list[str]) -> Conf
         *size.overrides,
         f"train.steps={steps}",
     ]
-    cfg: Config = OmegaConf.to_object(compose_config([*overrides, *extra]))  # type: ignore[assignment]
+    cfg = typed_config(compose_config([*overrides, *extra]))
     world = dist.get_world_size()
     cfg = dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, nproc_per_node=world))
     validate(cfg, world)

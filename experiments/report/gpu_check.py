@@ -146,13 +146,12 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
         return f"autocast bf16 on one GPU: {dev:.1e} from fp32; " + dp_bf16()
 
     def dp_bf16() -> str:
-        from omegaconf import OmegaConf
-
+        from experiments.config.schema import typed_config
         from experiments.report.parity import compose_config
         from parallel.base import StrategyContext
         from parallel.strategies.dataparallel import apply_dp
 
-        cfg = OmegaConf.to_object(compose_config(["strategy=dp", "launcher=local", "train.precision=bf16"]))
+        cfg = typed_config(compose_config(["strategy=dp", "launcher=local", "train.precision=bf16"]))
         model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 10)).cuda()
         seen: list[torch.dtype] = []
         model[1].register_forward_hook(lambda mod, args, out: seen.append(out.dtype))

@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from experiments.config.schema import Config, register_configs
+from experiments.config.schema import register_configs, typed_config
 from experiments.measure.record import read_metrics
 from experiments.run.job import execute
 from experiments.run.validate import validate
@@ -36,7 +36,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
 def run_case(overrides: list[str], job_dir: Path) -> dict:
     """One job through its configured launcher, exactly as train.py runs it, minus the CLI."""
     cfg = compose_config(overrides)
-    typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    typed = typed_config(cfg)
     validate(typed)
     job_dir.mkdir(parents=True, exist_ok=True)
     execute(cfg, typed, job_dir)

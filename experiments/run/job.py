@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from data.checks import DataUnavailable, fetch
-from experiments.config.schema import FROZEN_CONFIG, Config, ConfigError, save_frozen
+from experiments.config.schema import FROZEN_CONFIG, Config, ConfigError, save_frozen, typed_config
 from experiments.measure.record import METRICS_FILE, RunRecord
 from experiments.run import worker
 from experiments.run.jobdir import check_name, swept_keys, undo_hydra
@@ -106,13 +107,22 @@ outcomes = {"rejected": 0, "ran": 0}
 def _typed(cfg: DictConfig) -> Config:
     """The typed config; a key with no value (a deleted group, `~model`) is a refusal naming it."""
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        return typed_config(cfg)
     except MissingMandatoryValue as e:
         key = e.full_key or "a required key"
         raise ConfigError(
             f"{key} has no value (a deleted or unset config group?); choose one, e.g. {key}=<option> "
             "(python train.py --help lists them)"
         ) from None
+
+
+def group_file(hc, group: str) -> str:
+    """The config file the group's option was read from (a user's, through hydra.searchpath)."""
+    choice = hc.runtime.choices.get(group)
+    for source in hc.runtime.config_sources:
+        if source.schema == "file" and (path := Path(source.path) / group / f"{choice}.yaml").exists():
+            return str(path)
+    return f"{group}/{choice}.yaml"
 
 
 def run_job(cfg: DictConfig) -> float | None:
@@ -138,6 +148,7 @@ def run_job(cfg: DictConfig) -> float | None:
         check_name(job_dir)
         check_known(cfg)
         typed = _typed(cfg)
+        typed.model = dataclasses.replace(typed.model, source=group_file(hc, "model"))
         # What the job dir holds comes first: a strategy that cannot load its checkpoint is refused
         # for that, whatever else (an extra not installed) it would also need.
         finished = check_rerun(cfg, job_dir)

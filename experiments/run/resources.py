@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from experiments.config.schema import Config, ConfigError
 from experiments.measure.theory import Precision, zero_model_state_bytes
-from models import LM_MODELS
+from models import HEADED
 from parallel.mesh import Degrees
 
 if TYPE_CHECKING:
-    from models.staged import StagedModel
     from parallel.costs import ModelSizes
 
 GiB = 2**30
@@ -39,7 +39,13 @@ RANK_BASE_BYTES = GiB // 4
 FDS_PER_RANK = 12
 FDS_SPARE = 64
 # The key that sizes each model, for "what fits" (resnet18 has a fixed size).
-SIZE_KNOBS = {"mlp": "hidden", "transformer": "hidden", "llama": "hidden", "cnn": "channels"}
+# The argument whose size the advice lowers, by model class.
+SIZE_KNOBS = {
+    "models.mlp.MLP": "hidden",
+    "models.transformer.Transformer": "hidden",
+    "models.llama.Llama": "hidden",
+    "models.cnn.CNN": "channels",
+}
 
 
 def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
@@ -83,7 +89,7 @@ def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
     return zero_model_state_bytes(stage or "dp", psi, degrees.dp, Precision(b, b, k))
 
 
-def model_sizes(model: StagedModel, zero1_ranks: int = 1) -> ModelSizes:
+def model_sizes(model: nn.Module, zero1_ranks: int = 1) -> ModelSizes:
     """The sizes predict.memory reads, as setup measures them on the built model: here on an
     unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
 
@@ -110,12 +116,11 @@ def parameter_count(cfg: Config) -> int:
     return sum(p.numel() for p in meta_model(cfg).parameters())
 
 
-def meta_model(cfg: Config) -> StagedModel:
+def meta_model(cfg: Config) -> nn.Module:
     from data import dataset_spec
-    from models import build_model
+    from models import meta_model as build_on_meta
 
-    with torch.device("meta"):
-        return build_model(cfg.model, dataset_spec(cfg.dataset))
+    return build_on_meta(cfg.model, dataset_spec(cfg.dataset))
 
 
 def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:
@@ -157,19 +162,20 @@ def _what_fits(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) ->
     """The largest model.hidden (or model.channels) that fits, found on meta-device models."""
     import dataclasses
 
-    knob = SIZE_KNOBS.get(cfg.model.name)
-    if knob is None:
+    m = cfg.model
+    knob = SIZE_KNOBS.get(m.target)
+    if knob is None or knob not in m.args:
         return []
     step = 1
-    if knob == "hidden" and cfg.model.name in LM_MODELS:
+    if knob == "hidden" and m.target in HEADED:
         # Whole heads; llama's rotary positions also need an even head size.
-        step = cfg.model.heads * degrees.tp * (2 if cfg.model.name == "llama" else 1)
+        step = m.args["heads"] * degrees.tp * (2 if m.target == "models.llama.Llama" else 1)
     step = math.lcm(step, degrees.tp) if knob == "hidden" else step
 
     def sized(n: int) -> Config:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{knob: n * step}))
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, args={**m.args, knob: n * step}))
 
-    lo, hi = 0, max(1, getattr(cfg.model, knob) // step)
+    lo, hi = 0, max(1, m.args[knob] // step)
     while lo < hi:  # the largest multiple n of `step` with sized(n) fitting; 0 if none does
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if fits(sized(mid)) else (lo, mid - 1)

@@ -15,27 +15,19 @@ from experiments.config.ranges import check_ranges
 from experiments.config.schema import Config, ConfigError, Objective
 from experiments.run.keys import check_used
 from experiments.run.launch import check_launcher
-from models import check_model, check_model_fits_data
+from models import check_model_fits_data
 from parallel.distenv import check_gpus
 from parallel.mesh import Degrees
 from parallel.registry import STRATEGIES, get_spec, resolve_degrees
 
 
 def _check_eval(cfg: Config) -> None:
-    from models import NORMS
-
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     if t.eval_samples == 0 and t.objective == Objective.val_loss:
         raise ConfigError(
             "train.objective=val_loss needs evaluation; set train.eval_samples != 0 or another objective"
         )
-    if m.norm and m.name not in NORMS:
-        raise ConfigError(
-            f"model.norm applies to {' and '.join(NORMS)}; model={m.name} has its own LayerNorms"
-        )
-    if m.norm and m.norm not in NORMS[m.name]:
-        raise ConfigError(f"model.norm={m.norm} is not one of: {', '.join(NORMS[m.name])}")
-    if m.norm == "sync_batch" and not get_spec(cfg.strategy.name).syncs_batchnorm:
+    if cfg.model.get("norm") == "sync_batch" and not get_spec(cfg.strategy.name).syncs_batchnorm:
         users = [n for n, sp in STRATEGIES.items() if sp.syncs_batchnorm]
         raise ConfigError(
             f"strategy={cfg.strategy.name} does not synchronise BatchNorm over its ranks (model.norm=sync_batch);"
@@ -88,10 +80,9 @@ def check_resume_source(cfg: Config, job_dir: Path) -> None:
 
 def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str] = ()) -> Degrees:
     """Every rule that needs no process; `explicit`: the keys the user set on the command line."""
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     check_ranges(cfg)
     _check_eval(cfg)
-    check_model(m)
     if t.resume not in ("auto", "never"):
         from experiments.train.checkpoint import resolve
 
@@ -128,7 +119,7 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
     degrees = resolve_degrees(cfg.strategy, world_size)
     check_data(cfg)
     data = dataset_spec(cfg.dataset)
-    check_model_fits_data(cfg.model, data)
+    model = check_model_fits_data(cfg.model, data, cfg.dataset.name)
 
     per_step = t.grad_accum_steps * degrees.dp
     if t.global_batch_size % per_step:
@@ -144,8 +135,7 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
         raise ConfigError(
             f"dataset.num_samples={cfg.dataset.num_samples} is smaller than train.global_batch_size={t.global_batch_size}"
         )
-    if spec.needs_tp_plan or spec.pipelined:
-        from parallel.plans import check_plans
+    from parallel.plans import check_plans
 
-        check_plans(cfg, degrees, spec)
+    check_plans(cfg, degrees, spec, model)
     return degrees

@@ -111,7 +111,7 @@ def finish(run: Run, job_dir: Path) -> float:
             strategy=run.spec.record_name(s),
             world_size=env.world_size,
             degrees=run.degrees.as_dict(),
-            model=cfg.model.name,
+            model=cfg.model.label,
             dataset=cfg.dataset.name,
             launcher=cfg.launcher.name,
             optimizer=t.optimizer,

@@ -162,6 +162,7 @@ class Meter:
         busy_seconds: Callable[[], Callable[[], float]] | None,
         log: logging.Logger,
         progress: dict[str, Any] | None = None,
+        aux_terms: list[Tensor] | None = None,
     ) -> None:
         self.t, self.env, self.device, self.state = t, env, device, state
         self.batches, self.sink, self.theory, self.rates = batches, sink, theory, rates
@@ -177,6 +178,9 @@ class Meter:
         self.sq_buf: list[Tensor] = []
         self.sq_global: list[bool] = []
         self.lrs: list[float] = []
+        # A model's auxiliary loss, per micro-step as the loss function leaves it; None: it has none.
+        self.aux_terms = aux_terms
+        self.aux_buf: list[Tensor] = []
         self.first_step = self.first_buffered = state.step + 1
         self.in_flight: Interval | None = None
         # The step after an evaluation may re-initialise what eval changed (a pipeline's stages
@@ -294,6 +298,9 @@ class Meter:
             self.loss_buf.append(torch.stack(losses).float().mean())
         self.sq_buf.append(result.grad_sq)
         self.sq_global.append(result.grad_sq_is_global)
+        if self.aux_terms is not None:
+            self.aux_buf.append(torch.stack(self.aux_terms).mean() if self.aux_terms else self.zero)
+            self.aux_terms.clear()
         data_s = self.batches.take()
         busy = self.busy_seconds() if self.busy_seconds is not None else None
         if self.clean(step):
@@ -348,17 +355,20 @@ class Meter:
         # Each step has a fixed slot, by its step number: a ring all-reduce sums each position in
         # its own rank order, so a resumed run (whose first interval is shorter) must put step s
         # where the uninterrupted run put it to reduce it bit for bit the same.
-        w, n = self.window, len(self.loss_buf)
+        # Summed: losses, squared-norm shares, the stop flag, auxiliary losses (if any); then kept.
+        w, n, summed = self.window, len(self.loss_buf), self._summed_size()
         slots = [(self.first_buffered + i - 1) % w for i in range(n)]
-        vec = [self.zero] * (3 * w + 1)
+        vec = [self.zero] * (summed + w)
         for i, slot in enumerate(slots):
             vec[slot] = self.loss_buf[i]
             # Clipped steps already hold the global square: it rides along, outside the sum.
-            vec[2 * w + 1 + slot if self.sq_global[i] else w + slot] = self.sq_buf[i]
+            vec[summed + slot if self.sq_global[i] else w + slot] = self.sq_buf[i]
+            if self.aux_terms is not None:
+                vec[2 * w + 1 + slot] = self.aux_buf[i]
         vec[2 * w] = torch.full((), float(signals.requested() is not None), device=self.device)
-        values = InFlight(torch.stack(vec[: 2 * w + 1]), torch.stack(vec[2 * w + 1 :]), self.env.world_size)
+        values = InFlight(torch.stack(vec[:summed]), torch.stack(vec[summed:]), self.env.world_size)
         self.in_flight = Interval(step, self.first_buffered, slots, self.lrs, self._interval_perf(), values)
-        self.loss_buf, self.sq_buf, self.sq_global, self.lrs = [], [], [], []
+        self.loss_buf, self.sq_buf, self.sq_global, self.lrs, self.aux_buf = [], [], [], [], []
         self.first_buffered = step + 1
         self.clean_s = self.data_s = 0.0
         self.busy_pending = []
@@ -372,10 +382,10 @@ class Meter:
         if iv is None:
             return False
         t0 = time.perf_counter()
-        w, values = self.window, iv.values.values()
+        w, values, summed = self.window, iv.values.values(), self._summed_size()
         # Summed over the ranks that hold a loss, each counted once per copy: the mean.
         losses = [values[s] * self.loss_scale for s in iv.slots]
-        norms = [(values[w + s] + values[2 * w + 1 + s]) ** 0.5 for s in iv.slots]
+        norms = [(values[w + s] + values[summed + s]) ** 0.5 for s in iv.slots]
         for i, loss in enumerate(losses):
             if not math.isfinite(loss):
                 # Every rank holds the same reduced values, so every rank stops here, together.
@@ -383,13 +393,19 @@ class Meter:
                     f"loss is {loss} at step {iv.first + i}: training stopped; the last "
                     "good checkpoint is kept (lower train.lr, or set train.grad_clip)"
                 )
-        self.sink.series(iv.first, {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: iv.lrs}, iv.perf)
+        series = {Tag.LOSS: losses, Tag.GRAD_NORM: norms, Tag.LR: iv.lrs}
+        if self.aux_terms is not None:  # a part of the loss above, shown on its own
+            series[Tag.AUX_LOSS] = [values[2 * w + 1 + s] * self.loss_scale for s in iv.slots]
+        self.sink.series(iv.first, series, iv.perf)
         self.losses += losses
         self.grad_norms += norms
         self.sink.log_step(iv.step, self.t.steps, losses[-1], iv.perf, self.log)
         if self.mark is not None:
             self.mark += time.perf_counter() - t0
         return values[2 * w] > 0
+
+    def _summed_size(self) -> int:
+        return 2 * self.window + 1 + (self.window if self.aux_terms is not None else 0)
 
     def _interval_perf(self) -> dict[str, float]:
         perf: dict[str, float] = {Tag.TIMING_MEANINGFUL: float(self.timing_meaningful)}

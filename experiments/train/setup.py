@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from data import build_dataset, dataset_spec, make_loader
@@ -24,7 +24,8 @@ from experiments.train.evaluate import Evaluator
 from experiments.train.meter import Meter, Rates, TimedBatches
 from experiments.train.state import TrainState
 from experiments.train.step import GradNorm, replay_first_backward
-from models import build_model
+from models import build_model, meta_model
+from models.staged import aux_loss_of
 from parallel.base import Parallelized, StrategyContext
 from parallel.costs import ModelSizes, Setting
 from parallel.distenv import RankEnv
@@ -44,6 +45,18 @@ def loss_fn_for(spec: DataSpec):
     if spec.task == "lm":
         return lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     return lambda logits, y: F.cross_entropy(logits.float(), y)
+
+
+def with_aux_loss(loss_fn, model: nn.Module, terms: list[Tensor]):
+    """The loss plus the auxiliary loss `model`'s last forward computed (a router's load balancing),
+    whose value each micro-step leaves in `terms` for the Meter to log."""
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        aux = aux_loss_of(model)
+        terms.append(aux.detach())
+        return loss_fn(out, y) + aux
+
+    return loss
 
 
 @dataclass
@@ -86,8 +99,12 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     model = build_model(cfg.model, spec).to(device=device, dtype=ctx.param_dtype)
     psi, elem = sum(p.numel() for p in model.parameters()), next(model.parameters()).element_size()
     flops_per_sample, has_conv = training_flops_per_sample(
-        lambda: build_model(cfg.model, spec), spec, ctx.loss_fn
+        lambda: meta_model(cfg.model, spec), spec, ctx.loss_fn
     )
+    aux_terms: list[Tensor] | None = None
+    if aux_loss_of(model) is not None:
+        aux_terms = []
+        ctx.loss_fn = with_aux_loss(ctx.loss_fn, model, aux_terms)
     strategy = get_spec(cfg.strategy.name)
     par = strategy.apply(model, mesh, ctx)
     del model  # pipeline ranks keep only their stages
@@ -151,6 +168,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         busy_seconds=par.busy_seconds,
         log=log,
         progress=progress,
+        aux_terms=aux_terms,
     )
     log.info(
         "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d params=%d",

@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from models.staged import blocks_of
 from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
 from parallel.strategies.syncbn import sync_batchnorm
 
@@ -26,7 +27,8 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
             param_dtype=DTYPES[s.mp_param_dtype], reduce_dtype=DTYPES[s.mp_reduce_dtype]
         ),
     }
-    for block in model.blocks.values():
+    # A model without blocks (models/staged.py) is one FSDP unit: its root.
+    for block in (blocks_of(model) or {}).values():
         fully_shard(block, reshard_after_forward=s.reshard_after_forward, **kwargs)
     # The root's own parameters (stem, head) stay gathered from forward into backward, as FSDP2
     # does by default: backward starts with the head, so resharding it would cost one more

@@ -77,7 +77,7 @@ def _convert_cpu(module: nn.Module, group: ProcessGroup) -> None:
 
 def sync_batchnorm(module: nn.Module, group: ProcessGroup, ctx: StrategyContext) -> None:
     """Under model.norm=sync_batch, synchronise `module`'s BatchNorms over a data-parallel group."""
-    if ctx.cfg.model.norm != "sync_batch" or dist.get_world_size(group) == 1:
+    if ctx.cfg.model.get("norm") != "sync_batch" or dist.get_world_size(group) == 1:
         return
     if ctx.device.type == "cpu":
         _convert_cpu(module, group)

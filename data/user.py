@@ -1,0 +1,118 @@
+"""A user's own dataset: a config with `_target_` naming a class or function that returns a
+map-style torch.utils.data.Dataset of (input, label) pairs for one split (docs/models.md).
+
+It is called with `args` and, where it names them, `split` ("train" or "val": the held-out one,
+which must not overlap the training one) and `seed`. Its task follows from its samples: integer
+token windows with next-token labels of the same shape are language modelling (vocabulary:
+dataset.vocab_size); one label per sample is classification (dataset.num_classes classes, inputs
+of dataset.input_shape). The pre-launch checks build both splits and read a batch of each.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from data.spec import DataSpec
+from experiments.config.schema import ConfigError, DatasetConfig
+
+
+def build_user_dataset(cfg: DatasetConfig, seed: int, split: str) -> Dataset:
+    from hydra.utils import get_object, instantiate
+
+    try:
+        fn = get_object(cfg._target_)
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise ConfigError(
+            f"dataset._target_={cfg._target_} does not import ({type(cause).__name__}: {cause}); "
+            "is its package on PYTHONPATH (or installed)?"
+        ) from None
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    given = {k: v for k, v in (("split", split), ("seed", seed)) if k in params}
+    try:
+        ds = instantiate({"_target_": cfg._target_, "_partial_": True, **cfg.args})(**given)
+    except ConfigError:
+        raise
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None and type(e).__name__ == "InstantiationException" else e
+        raise ConfigError(
+            f"dataset={cfg.name}: {cfg._target_}(split={split!r}, ...) raised {type(cause).__name__}: {cause}"
+        ) from None
+    if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+        raise ConfigError(
+            f"dataset._target_={cfg._target_} returned a {type(ds).__name__}, not a map-style "
+            "torch.utils.data.Dataset (with __getitem__ and __len__)"
+        )
+    return ds
+
+
+# Specs already read, by config: the checks and the setup ask more than once.
+_SPECS: dict[str, DataSpec] = {}
+
+
+def user_spec(cfg: DatasetConfig) -> DataSpec:
+    """The task and shapes, read off the first training sample; checked against the config."""
+    key = json.dumps([cfg._target_, cfg.args, cfg.input_shape, cfg.num_classes, cfg.vocab_size], default=str)
+    if key not in _SPECS:
+        _SPECS[key] = _spec(cfg)
+    return _SPECS[key]
+
+
+def _spec(cfg: DatasetConfig) -> DataSpec:
+    ds = build_user_dataset(cfg, 0, "train")
+    if len(ds) == 0:  # type: ignore[arg-type]
+        raise ConfigError(f"dataset={cfg.name}: its training split holds no sample")
+    x, y = _pair(cfg, ds[0])
+    if not x.is_floating_point() and y.shape == x.shape and x.dim() == 1:
+        return DataSpec("lm", tuple(x.shape), vocab_size=cfg.vocab_size, seq_len=x.shape[0])
+    if y.dim() != 0:
+        raise ConfigError(
+            f"dataset={cfg.name}: a sample's label has shape {list(y.shape)}; classification needs one "
+            "label per sample, language modelling a label per token of an integer window"
+        )
+    if list(x.shape) != list(cfg.input_shape):
+        shape = ",".join(map(str, x.shape))
+        raise ConfigError(
+            f"dataset={cfg.name} gives inputs of shape {list(x.shape)}, but dataset.input_shape="
+            f"{list(cfg.input_shape)}; set dataset.input_shape=[{shape}]"
+        )
+    return DataSpec("classify", tuple(x.shape), num_classes=cfg.num_classes)
+
+
+def _pair(cfg: DatasetConfig, sample: object) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(sample, tuple | list) or len(sample) != 2:
+        raise ConfigError(
+            f"dataset={cfg.name}: a sample must be an (input, label) pair, not {type(sample).__name__}"
+        )
+    return torch.as_tensor(sample[0]), torch.as_tensor(sample[1])
+
+
+def check_user_dataset(cfg: DatasetConfig, seed: int, batch: int) -> None:
+    """Both splits build; the training one holds a batch; a batch of each collates, with labels
+    the model can predict."""
+    spec = user_spec(cfg)
+    for split in ("train", "val"):
+        ds = build_user_dataset(cfg, seed, split)
+        n = len(ds)  # type: ignore[arg-type]
+        if split == "train" and n < batch:
+            raise ConfigError(
+                f"dataset={cfg.name} holds {n} training samples, fewer than one batch (train.global_batch_size={batch})"
+            )
+        if n == 0:
+            continue
+        _, y = default_collate([ds[i] for i in range(min(n, batch))])
+        limit, key = (
+            (spec.vocab_size, "vocab_size") if spec.task == "lm" else (spec.num_classes, "num_classes")
+        )
+        if y.is_floating_point() or y.min() < 0 or y.max() >= limit:
+            raise ConfigError(
+                f"dataset={cfg.name} ({split}) has labels from {y.min().item()} to {y.max().item()}; "
+                f"they must be integers in [0, dataset.{key}={limit})"
+            )
