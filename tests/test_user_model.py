@@ -5,6 +5,7 @@ the losses of one process, and what they do not declare (a TP plan) is refused i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -101,20 +102,41 @@ def train(project: Path, job: Path, *overrides: str) -> subprocess.CompletedProc
     return subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
 
 
-def losses(project: Path, job: Path, *overrides: str) -> list[float]:
-    proc = train(project, job, *overrides)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((job / "metrics.json").read_text())["losses"]
+def in_process(project: Path, job: Path, *overrides: str) -> list[float]:
+    """The same job through the parity harness: this process composes and launches, the ranks
+    find the user's package on PYTHONPATH as the CLI's would."""
+    from experiments.report.parity import run_case
+
+    conf = f"hydra.searchpath=[file://{project / 'conf'}]"
+    return run_case([conf, *COMMON, *overrides], job)["losses"]
 
 
 @pytest.fixture(scope="module")
-def reference(project, tmp_path_factory) -> list[float]:
-    return losses(project, tmp_path_factory.mktemp("ref") / "job", "strategy=single", "launcher=local")
+def user_path(project):
+    """The user's package importable here and in every rank started from here."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(project))
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")])))
+        yield
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pp"])
-def test_a_users_model_and_dataset_train_as_one_process_does(project, reference, strategy, tmp_path):
-    got = losses(project, tmp_path / "job", f"strategy={strategy}", "launcher.nproc_per_node=2")
+@pytest.fixture(scope="module")
+def reference(project, user_path, tmp_path_factory) -> list[float]:
+    return in_process(project, tmp_path_factory.mktemp("ref") / "job", "strategy=single", "launcher=local")
+
+
+def test_a_users_model_and_dataset_train_from_their_directory_as_one_process_does(project, reference, tmp_path):
+    """The CLI, run from the user's directory with their package on PYTHONPATH."""
+    proc = train(project, tmp_path / "job", "strategy=ddp", "launcher.nproc_per_node=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads((tmp_path / "job" / "metrics.json").read_text())["losses"]
+    assert len(got) == 5
+    assert max(deviations(got, reference)) <= tolerance("fp32"), (got, reference)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "pp"])
+def test_a_users_model_shards_and_pipelines_as_one_process_trains(project, reference, strategy, tmp_path):
+    got = in_process(project, tmp_path / "job", f"strategy={strategy}", "launcher.nproc_per_node=2")
     assert len(got) == 5
     worst = max(deviations(got, reference))
     assert worst <= tolerance("fp32"), (strategy, got, reference)
