@@ -214,6 +214,20 @@ def _check_comm(m: dict) -> None:
         # Llama: grouped-query attention (kv heads split over TP) and SwiGLU (w1, w3 from one input).
         ("tp-ws2-llama", ["strategy=tp", "launcher.nproc_per_node=2", *LLAMA]),
         ("fsdp-ws2-llama", ["strategy=fsdp", "launcher.nproc_per_node=2", *LLAMA]),
+        # A mixture of experts (every expert gathered, on no tokens too) and a zoo model whose
+        # blocks are its `features` sequence: FSDP's units as paralab wraps them.
+        ("fsdp-ws2-moe", ["strategy=fsdp", "launcher.nproc_per_node=2", "model=moe", *LLAMA[1:]]),
+        (
+            "zero3-ws2-mobilenet",
+            [
+                "strategy=zero3",
+                "launcher.nproc_per_node=2",
+                "model=torchvision",
+                "model.arch=mobilenet_v3_small",
+                "dataset=fake_images",
+                "dataset.input_shape=[3,32,32]",
+            ],
+        ),
         (
             "ddp_pp-ws4-gpt-accum",
             ["strategy=ddp_pp", "launcher.nproc_per_node=4", "train.grad_accum_steps=2", *GPT],

@@ -125,7 +125,9 @@ def reference(project, user_path, tmp_path_factory) -> list[float]:
     return in_process(project, tmp_path_factory.mktemp("ref") / "job", "strategy=single", "launcher=local")
 
 
-def test_a_users_model_and_dataset_train_from_their_directory_as_one_process_does(project, reference, tmp_path):
+def test_a_users_model_and_dataset_train_from_their_directory_as_one_process_does(
+    project, reference, tmp_path
+):
     """The CLI, run from the user's directory with their package on PYTHONPATH."""
     proc = train(project, tmp_path / "job", "strategy=ddp", "launcher.nproc_per_node=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
