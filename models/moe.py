@@ -27,12 +27,12 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, s, d = x.shape
         n_experts = len(self.experts)
-        probs = self.router(x).float().softmax(dim=-1)  # (b, s, experts)
+        logits = self.router(x)
+        # At least fp32 under bf16 autocast, as routers are computed; fp64 stays fp64.
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # (b, s, experts)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (b, s, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)  # top-k renormalised, as Mixtral
-        slots = torch.zeros_like(probs).scatter_add_(-1, chosen, torch.ones_like(weights))
-        f = slots.mean(dim=1) / self.top_k  # (b, experts): share of the sample's routing slots
-        self.last_aux = (n_experts * (f * probs.mean(dim=1)).sum(dim=-1)).mean()
+        self.last_aux = load_balance(probs, chosen)
 
         # Group the (token, expert) pairs by expert; each expert runs once on its tokens.
         expert_of = chosen.reshape(-1)
@@ -46,6 +46,15 @@ class MoE(nn.Module):
         out = torch.cat([expert(part) for expert, part in zip(self.experts, parts, strict=True)])
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(tokens, dtype=out.dtype).index_add_(0, token_of, out).view(b, s, d)
+
+
+def load_balance(probs: Tensor, chosen: Tensor) -> Tensor:
+    """Switch Transformer's load-balancing loss per sample, averaged over the batch: probs
+    (b, s, experts) the router's, chosen (b, s, k) the experts each token was sent to."""
+    n_experts, top_k = probs.shape[-1], chosen.shape[-1]
+    slots = torch.zeros_like(probs).scatter_add_(-1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
+    f = slots.mean(dim=1) / top_k  # (b, experts): each expert's share of the sample's routing slots
+    return (n_experts * (f * probs.mean(dim=1)).sum(dim=-1)).mean()
 
 
 def _counts(expert_of: Tensor, n_experts: int) -> list[int]:

@@ -254,3 +254,70 @@ def test_held_out_perplexity_is_exp_of_the_mean_token_loss():
     assert r.val_loss == pytest.approx(loss, rel=1e-6)  # the model's logits are fp32
     assert r.val_ppl == pytest.approx(math.exp(loss), rel=1e-6)
     assert r.val_acc is None  # a language model reports perplexity instead
+
+
+# ---- the mixture of experts ----
+
+
+def moe_by_hand(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token by token: softmax over the router's logits, the top-k experts, their probabilities
+    renormalised; and per sample Switch's experts × Σ_e f_e·P_e, averaged over the samples."""
+    b, s, d = x.shape
+    n, k = len(moe.experts), moe.top_k
+    out = torch.zeros_like(x)
+    aux = []
+    for i in range(b):
+        counts, prob_sum = [0.0] * n, [0.0] * n
+        for t in range(s):
+            probs = torch.softmax(x[i, t] @ moe.router.weight.T, dim=-1)
+            top = sorted(range(n), key=lambda e: -probs[e].item())[:k]
+            norm = sum(probs[e] for e in top)
+            for e in top:
+                out[i, t] += probs[e] / norm * moe.experts[e](x[i, t])
+                counts[e] += 1
+            for e in range(n):
+                prob_sum[e] += probs[e].item()
+        aux.append(n * sum(counts[e] / (s * k) * prob_sum[e] / s for e in range(n)))
+    return out, torch.tensor(sum(aux) / b, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_mixture_of_experts_is_the_routing_computed_by_hand(top_k):
+    from models.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(dim=8, hidden=12, experts=4, top_k=top_k).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    want, want_aux = moe_by_hand(moe, x)
+    got = moe(x)
+    assert torch.allclose(got, want, rtol=EXACT, atol=1e-14), (got - want).abs().max()
+    assert moe.last_aux.item() == pytest.approx(want_aux.item(), rel=EXACT)
+
+
+def test_the_training_loss_of_a_mixture_adds_its_load_balancing_loss():
+    from experiments.train.setup import with_aux_loss
+    from models.llama import Llama
+
+    torch.manual_seed(0)
+    spec = DataSpec(task="lm", input_shape=(6,), vocab_size=11, seq_len=6)
+    model = Llama(11, 6, 16, 2, 4, 2, 4, 8, 10000.0, 1e-5, 6, experts=3, top_k=2, aux_loss_coef=0.5).double()
+    x = torch.randint(0, 11, (2, 6))
+    y = torch.randint(0, 11, (2, 6))
+    terms: list[torch.Tensor] = []
+    logits = model(x)
+    loss = with_aux_loss(loss_fn_for(spec), model, terms)(logits, y)
+    by_hand = sum(moe_by_hand(m, _moe_input(model, m, x))[1] for m in model.moe)
+    want = cross_entropy_by_hand(logits.detach(), y) + 0.5 * by_hand
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert len(terms) == 1 and terms[0].item() == pytest.approx(0.5 * by_hand.item(), rel=1e-9)
+
+
+def _moe_input(model, moe, x: torch.Tensor) -> torch.Tensor:
+    """What `moe` received in the forward of `x` (the block's normed residual stream)."""
+    seen: list[torch.Tensor] = []
+    handle = moe.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]

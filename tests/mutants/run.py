@@ -117,6 +117,20 @@ MUTANTS = [
         "the held-out metrics count the filler rows of the last batch",
         (f"{INDEPENDENT}::test_held_out_accuracy_is_a_hand_count",),
     ),
+    # Models: the mixture of experts' load-balancing loss.
+    Mutant(
+        "moe_aux_over_batch",
+        "the load-balancing loss is taken over each rank's batch, not per sample",
+        (
+            f"{INDEPENDENT}::test_the_mixture_of_experts_is_the_routing_computed_by_hand[2]",
+            f"{PARITY}[ddp-ws2-moe]",
+        ),
+    ),
+    Mutant(
+        "moe_aux_dropped",
+        "the load-balancing loss is logged but never added to the loss",
+        (f"{INDEPENDENT}::test_the_training_loss_of_a_mixture_adds_its_load_balancing_loss",),
+    ),
 ]
 TIMEOUT_S = 1200
 

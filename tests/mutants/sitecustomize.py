@@ -239,6 +239,32 @@ def eval_counts_padding(evaluate) -> None:
     evaluate._sums = _sums
 
 
+def moe_aux_over_batch(moe) -> None:
+    """models.moe: the load-balancing loss over the rank's whole batch, not per sample (Switch's
+    original form), so its average over data-parallel ranks is not the whole batch's."""
+    real = moe.load_balance
+
+    def load_balance(probs, chosen):
+        hit("moe.load_balance")
+        return real(probs.reshape(1, -1, probs.shape[-1]), chosen.reshape(1, -1, chosen.shape[-1]))
+
+    moe.load_balance = load_balance
+
+
+def moe_aux_dropped(setup) -> None:
+    """experiments.train.setup: the load-balancing loss is logged but not added to the loss."""
+
+    def with_aux_loss(loss_fn, model, terms):
+        def loss(out, y):
+            hit("setup.with_aux_loss")
+            terms.append(model.aux_loss().detach())
+            return loss_fn(out, y)
+
+        return loss
+
+    setup.with_aux_loss = with_aux_loss
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -254,6 +280,8 @@ MUTANTS = {
     "clip_without_sqrt": ("experiments.train.step", clip_without_sqrt),
     "sampler_no_reshuffle": ("data.sampler", sampler_no_reshuffle),
     "eval_counts_padding": ("experiments.train.evaluate", eval_counts_padding),
+    "moe_aux_over_batch": ("models.moe", moe_aux_over_batch),
+    "moe_aux_dropped": ("experiments.train.setup", moe_aux_dropped),
 }
 
 
