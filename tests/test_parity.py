@@ -201,7 +201,9 @@ MATRIX += [
 FULL = [
     Case("fsdp", 4, MOE, ("train.grad_accum_steps=2",)),
     *(Case(s, 2, MOE) for s in ("zero1", "zero3")),
-    Case("ddp", 2, MOE, ("train.precision=bf16",)),
+    # No bf16 case for the mixture: on this tiny model autocast moves its losses by ~1e-4, less than
+    # a batch split moves them in bf16 (GEMM shapes change rounding), so the check that a bf16 run
+    # sits nearer the bf16 reference than the fp32 one cannot tell the two apart.
     Case("ddp", 4, ZOO),
     *(Case(s, 2, LLAMA) for s in ("zero1", "zero2")),
     Case("fsdp", 4, LLAMA, ("train.grad_accum_steps=2",)),
