@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +33,18 @@ def dataset_spec(cfg: DatasetConfig) -> DataSpec:
         vocab = BYTE_VOCAB if cfg.text_file else cfg.vocab_size
         return DataSpec("lm", (cfg.seq_len,), vocab_size=vocab, seq_len=cfg.seq_len)
     return DataSpec("classify", tuple(cfg.input_shape), num_classes=cfg.num_classes)
+
+
+def memory_bytes(cfg: DatasetConfig) -> int:
+    """Bytes a rank holds for the datasets it builds in memory (training and held-out splits):
+    synthetic's float inputs, the Markov stream as Python ints while it is drawn. Files and
+    generated images are read sample by sample: 0 here."""
+    n = cfg.num_samples + cfg.val_samples
+    if cfg._target_ or cfg.name not in ("synthetic", "tokens"):
+        return 0
+    if cfg.name == "synthetic":
+        return n * (4 * math.prod(cfg.input_shape) + 8)
+    return 0 if cfg.text_file else n * cfg.seq_len * 32  # a list slot, a pick and the tensor
 
 
 SPLITS = ("train", "val")

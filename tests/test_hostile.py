@@ -145,6 +145,16 @@ TABLE = [
     Bad(("model.hidden=wide",), "model.hidden='wide' must be int"),
     Bad(("+model.hiddn=3",), "did you mean hidden?"),
     Bad(("+dataset.args.n=3",), "dataset.args"),
+    # Numbers that pass a lower bound but break what consumes them.
+    Bad(("dataset.num_workers=1000000",), "dataset.num_workers=1000000 must be <= 256"),
+    Bad(("launcher.threads_per_rank=1000000",), "launcher.threads_per_rank=1000000 must be <= 1024"),
+    Bad(("strategy.bucket_cap_mb=1e300",), "strategy.bucket_cap_mb=1e+300 must be <= 1e+06"),
+    Bad(
+        ("train.steps=100000000000000000000",),
+        "train.steps=100000000000000000000 must be <= 9223372036854775807",
+    ),
+    Bad(("dataset.num_samples=1000000000000",), "dataset=synthetic holds ~"),
+    Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
 ]
 
 
@@ -335,7 +345,9 @@ def test_a_rejected_job_leaves_an_existing_job_dir_as_it_was(monkeypatch, capfd,
     assert sorted(p.name for p in (job / ".hydra").iterdir()) == ["config.yaml"]
 
 
-def test_a_rerun_never_overwrites_results_it_cannot_resume(monkeypatch, capfd, tmp_path):
+def test_a_rerun_never_overwrites_results(monkeypatch, capfd, tmp_path):
+    """Results it cannot tell the config of are refused; a run of the same config stopped before
+    its first checkpoint starts again from step 0, what it wrote set aside, not overwritten."""
     from hydra import compose, initialize_config_dir
 
     from experiments.config.schema import save_frozen
@@ -350,8 +362,10 @@ def test_a_rerun_never_overwrites_results_it_cannot_resume(monkeypatch, capfd, t
     assert code == 2 and "holds tb but no config.resolved.yaml" in lines[-1], lines
     save_frozen(cfg, job)  # the same config, but no checkpoint to continue from
     code, lines = cli(monkeypatch, capfd, *args, f"hydra.run.dir={job}")
-    assert code == 2 and "no complete checkpoint to resume from" in lines[-1], lines
-    assert (job / "tb" / "rank0" / "events").read_text() == "the last run's curves"
+    assert code == 0, lines
+    assert any("was stopped before its first checkpoint: starting it again from step 0" in ln for ln in lines)
+    assert (job / "stopped_1" / "tb" / "rank0" / "events").read_text() == "the last run's curves"
+    assert len(json.loads((job / "metrics.json").read_text())["losses"]) == 6
 
 
 def test_no_network_for_a_download_is_one_line_and_exit_1(monkeypatch, capfd, tmp_path):

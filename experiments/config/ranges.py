@@ -42,9 +42,10 @@ AT_LEAST_1 = Bound(1)
 AT_LEAST_0 = Bound(0)
 ABOVE_0 = Bound(0, low_open=True)
 TEN_YEARS_S = 10 * 365 * 24 * 3600
+INT64_MAX = 2**63 - 1
 
 BOUNDS: dict[str, Bound] = {
-    "seed": Bound(0, 2**63 - 1),  # torch.manual_seed's range
+    "seed": Bound(0, INT64_MAX),  # torch.manual_seed's range
     "train.steps": AT_LEAST_1,
     "train.global_batch_size": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
@@ -62,7 +63,8 @@ BOUNDS: dict[str, Bound] = {
     "train.eval_samples": Bound(-1),  # -1: the whole held-out split
     "strategy.tp": AT_LEAST_1,
     "strategy.pp": AT_LEAST_1,
-    "strategy.bucket_cap_mb": ABOVE_0,
+    # DDP turns it into bytes in a 64-bit integer; a terabyte bucket is already one bucket.
+    "strategy.bucket_cap_mb": Bound(0, 1e6, low_open=True),
     "strategy.microbatches": AT_LEAST_1,
     "strategy.stages_per_rank": AT_LEAST_0,
     "model.hidden": AT_LEAST_1,
@@ -83,12 +85,12 @@ BOUNDS: dict[str, Bound] = {
     "dataset.num_classes": Bound(2),
     "dataset.vocab_size": Bound(2),
     "dataset.seq_len": AT_LEAST_1,
-    "dataset.num_workers": AT_LEAST_0,
+    "dataset.num_workers": Bound(0, 256),  # processes per rank; more hangs starting them
     "launcher.nproc_per_node": AT_LEAST_1,
     "launcher.nnodes": AT_LEAST_1,
     "launcher.node_rank": AT_LEAST_0,  # and < launcher.nnodes: experiments/run/launch.py:check_launcher
     "launcher.max_restarts": AT_LEAST_0,
-    "launcher.threads_per_rank": AT_LEAST_0,
+    "launcher.threads_per_rank": Bound(0, 1024),  # torch.set_num_threads fails past the OS's limits
     # 0 would read as unset (torch's default) in init_distributed. The ceiling is what every
     # consumer of a wait holds: datetime.timedelta (~8.6e13 s) and torch's c10d and store timeouts.
     "launcher.timeout_s": Bound(0, TEN_YEARS_S, low_open=True),
@@ -130,6 +132,9 @@ def check_ranges(cfg: Config) -> None:
         if isinstance(value, str) and has_control_char(value):
             # A newline would start a line of its own in logs and in any script that carries it.
             raise ConfigError(f"{key}={value!r} holds a control character (a newline?); remove it")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            # TensorBoard's steps, torch's tensors and timedelta hold 64-bit integers.
+            raise ConfigError(f"{key}={value} must be <= {INT64_MAX} (a 64-bit integer)")
     for key, bound in BOUNDS.items():
         value = values.get(key)
         # A number: a user's model may give these names arguments of other types.

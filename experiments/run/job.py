@@ -87,17 +87,32 @@ def check_rerun(cfg: DictConfig, job_dir: Path) -> float | None:
         if record.steps >= cfg.train.steps and len(record.losses) >= cfg.train.steps:
             return record.objective(cfg.train.objective)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun's own restart
-    if results and not restarted and (cfg.train.resume != "auto" or resolve("auto", job_dir) is None):
-        why = (
-            "no complete checkpoint to resume from"
-            if cfg.train.resume == "auto"
-            else (f"results, and train.resume={cfg.train.resume} would start another run over them")
-        )
+    if results and not restarted and cfg.train.resume != "auto":
         raise ConfigError(
-            f"{job_dir} holds a run with {why}; a rerun would overwrite or mix its results: use a new "
-            "hydra.run.dir (train.resume=<this dir> there starts from its checkpoint, if any)"
+            f"{job_dir} holds a run with results, and train.resume={cfg.train.resume} would start another "
+            "run over them: use a new hydra.run.dir (train.resume=<this dir> there starts from its checkpoint)"
         )
     return None
+
+
+def stopped_before_first_checkpoint(cfg: DictConfig, job_dir: Path) -> bool:
+    """The same run, stopped (preempted, cancelled, killed) before it saved a checkpoint: its
+    rerun under resume=auto starts it again from step 0 in its own dir."""
+    results = [n for n in RESULTS if (job_dir / n).exists()]
+    return bool(results) and cfg.train.resume == "auto" and resolve("auto", job_dir) is None
+
+
+def set_aside(job_dir: Path) -> Path:
+    """Move what the stopped run wrote into <job dir>/stopped_<n>/: kept, and out of the new run's way."""
+    n = 1
+    while (job_dir / f"stopped_{n}").exists():
+        n += 1
+    aside = job_dir / f"stopped_{n}"
+    aside.mkdir()
+    for name in RESULTS:
+        if (job_dir / name).exists():
+            (job_dir / name).rename(aside / name)
+    return aside
 
 
 # Jobs of this process's sweep that were rejected and that ran: a sweep of only rejected jobs fails.
@@ -173,6 +188,19 @@ def run_job(cfg: DictConfig) -> float | None:
         sys.exit(2 if config_error else 1)
 
     outcomes["ran"] += 1
+    restart = (
+        finished is None
+        and typed.launcher.node_rank == 0  # the other nodes of a job find the dir already cleared
+        and not external
+        and stopped_before_first_checkpoint(cfg, job_dir)
+    )
+    if restart:
+        aside = set_aside(job_dir)
+        print(
+            f"paralab: {job_dir} was stopped before its first checkpoint: starting it again from step 0 "
+            f"(what it wrote is kept in {aside.name}/)",
+            file=sys.stderr,
+        )
     if finished is not None:
         print(f"paralab: {job_dir} is finished: all {typed.train.steps} steps are done; nothing to do")
         if external:

@@ -59,8 +59,23 @@ def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
         )
     # Ranks against GPUs: validate's distenv.check_gpus, which runs first.
     cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    _check_dataset_memory(cfg, local)
     _check_memory(cfg, degrees, local, cuda)
     _check_disk(cfg, job_dir)
+
+
+def _check_dataset_memory(cfg: Config, local: int) -> None:
+    from data import memory_bytes
+
+    d = cfg.dataset
+    held = memory_bytes(d)
+    have = _available_ram()
+    if local * held > have:
+        raise ConfigError(
+            f"dataset={d.name} holds ~{held / GiB:.1f} GiB in each rank's memory (dataset.num_samples={d.num_samples} "
+            f"+ dataset.val_samples={d.val_samples}); {local} ranks need ~{local * held / GiB:.1f} GiB, "
+            f"{have / GiB:.1f} GiB available: lower dataset.num_samples or dataset.val_samples"
+        )
 
 
 def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
