@@ -154,6 +154,7 @@ TABLE = [
         "train.steps=100000000000000000000 must be <= 9223372036854775807",
     ),
     Bad(("dataset.num_samples=1000000000000",), "dataset=synthetic holds ~"),
+    Bad(("model.layers=100000000",), "model.layers=100000000 must be <= 10000"),
     Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
 ]
 
