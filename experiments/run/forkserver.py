@@ -1,4 +1,4 @@
-"""Imported by the fork server alone (launch.FORKSERVER_PRELOAD): it ignores SIGTERM.
+"""Imported by the fork server alone (launch.FORKSERVER_PRELOAD): it ignores SIGTERM (and USR2).
 
 SLURM, Kubernetes, systemd and a terminal's job control signal the whole process group, and the
 fork server is in it. Killed, it takes with it the pipes through which the launcher learns each
@@ -14,3 +14,4 @@ from __future__ import annotations
 import signal
 
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's time-limit warning, sent to every task

@@ -23,7 +23,7 @@ from experiments.run.launch import launch
 from experiments.run.nodes import PER_NODE, first_difference
 from experiments.run.rendezvous import check_endpoint
 from experiments.run.resources import check_resources
-from experiments.run.slurm import place_on_allocation, swept_keys_from_env, under_submitit
+from experiments.run.slurm import place_on_allocation, save_at_usr2, swept_keys_from_env, under_submitit
 from experiments.run.validate import check_auto_resume, check_resume_source, validate
 from experiments.train.checkpoint import resolve
 
@@ -210,7 +210,8 @@ def run_job(cfg: DictConfig) -> float | None:
         save_frozen(cfg, job_dir)
         worker.publish_job_dir(job_dir)
         return worker.main(str(job_dir))
-    return execute(cfg, typed, job_dir)
+    with save_at_usr2():
+        return execute(cfg, typed, job_dir)
 
 
 def execute(cfg: DictConfig, typed: Config, job_dir: Path) -> float | None:

@@ -13,9 +13,12 @@ Validation runs in the SLURM job, on a compute node: a login node without GPUs n
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -24,6 +27,8 @@ from omegaconf import DictConfig, open_dict, read_write
 from experiments.config.schema import ConfigError
 
 SWEPT_KEYS_ENV = "PARALAB_SWEPT_KEYS"  # the swept keys, for job dir names inside SLURM jobs
+MAX_TIMEOUTS = "hydra.launcher.max_num_timeout"
+REQUEUES_ON_TIME_LIMIT = 20
 
 
 def submitit_launcher(cfg: DictConfig) -> bool:
@@ -50,6 +55,10 @@ class SubmititResources(Callback):
 
         launcher = config.launcher
         with read_write(config.hydra), open_dict(config.hydra.launcher):
+            if not any(a.split("=", 1)[0].lstrip("+") == MAX_TIMEOUTS for a in sys.argv[1:]):
+                # submitit's default (0) ends a job at its first time limit: requeue it instead,
+                # to resume where the limit's warning (USR2) made it save.
+                config.hydra.launcher.max_num_timeout = REQUEUES_ON_TIME_LIMIT
             config.hydra.launcher.nodes = launcher.nnodes
             config.hydra.launcher.tasks_per_node = 1  # one agent per node; it starts the ranks
             config.hydra.launcher.gpus_per_node = slurm_gpus_per_node(launcher, config.train.device)
@@ -100,6 +109,35 @@ def place_on_allocation(cfg: DictConfig) -> None:
             port = 20000 + zlib.crc32(env.job_id.encode()) % 20000
             cfg.launcher.rdzv_endpoint = f"{env.hostnames[0]}:{port}"
             cfg.launcher.rdzv_id = f"paralab-{env.job_id}"
+
+
+@contextlib.contextmanager
+def save_at_usr2() -> Iterator[None]:
+    """Under submitit, while the ranks run: USR2 (SLURM's warning before the time limit, or a
+    preemption) stops them with a checkpoint at their next log step, as SIGTERM does, and only
+    then does submitit's own handler requeue the job. Left to submitit alone, it requeues at once
+    and the ranks die unsaved: the requeued job resumes from the last periodic checkpoint."""
+    if not under_submitit():
+        yield
+        return
+    requeue = signal.getsignal(signal.SIGUSR2)
+    got: list[int] = []
+
+    def stop_then_requeue(signum: int, frame: object) -> None:
+        got.append(signum)
+        # The launcher's stop: torch's agent passes SIGTERM to the ranks and waits for them.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR2, stop_then_requeue)
+    try:
+        yield
+    except SystemExit:
+        if got and callable(requeue):
+            signal.signal(signal.SIGUSR2, requeue)
+            requeue(signal.SIGUSR2, None)  # submitit: requeue (its checkpoint()), then exit
+        raise
+    finally:
+        signal.signal(signal.SIGUSR2, requeue)
 
 
 def swept_keys_from_env() -> list[str] | None:

@@ -1,4 +1,6 @@
-"""SIGTERM (preemption, scancel) asks a run to stop at its next log step with a checkpoint.
+"""SIGTERM (preemption, scancel) asks a run to stop at its next log step with a checkpoint; so
+does SIGUSR2, SLURM's warning before a time limit (and submitit's preemption signal), which SLURM
+sends to every task of the job.
 
 The handler only records the request: ranks must stop at the same step, so the request rides the
 log step's one all-reduce, and every rank saves and leaves together.
@@ -13,6 +15,7 @@ _requested: list[str] = []
 
 def install() -> None:
     signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGUSR2, _handle)
 
 
 def _handle(signum: int, frame: object) -> None:
