@@ -8,7 +8,7 @@ WORLD   ?= 2
 HOST    ?= localhost
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-full gpu-check mutants sweep compare parity bench tensorboard lint clean
+.PHONY: help install run test test-full test-slurm gpu-check mutants sweep compare parity bench tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,11 @@ test: $(STAMP) ## run the test suite (real processes, gloo, tiny models, 3 pytes
 
 test-full: $(STAMP) ## run every test, including the 8-process and slow cases
 	$(PY) -m pytest -q $(ARGS)
+
+test-slurm: $(STAMP) ## preemption under a real one-node SLURM: scancel and rerun a sweep, a time limit's requeue (root: .ci/slurm-up installs and starts slurm-wlm, munge)
+	$(PY) -m pip install -q -e '.[slurm]'
+	.ci/slurm-up
+	$(PY) -m pytest -q -m full tests/test_slurm.py $(ARGS)
 
 gpu-check: $(STAMP) ## on a CUDA machine: NCCL for ddp/fsdp/tp/pp/fsdp_tp, CUDA memory vs theory, MFU, bf16, bubble; one PASS/FAIL line each (on CPU: says it needs a GPU, exits 0)
 	$(PY) -m experiments.report.gpu_check
