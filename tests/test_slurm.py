@@ -181,8 +181,10 @@ def test_scancel_of_a_sweep_then_the_same_sweep_again_finishes_every_job_as_unin
 
         wait_for(both_training, 240, "the sweep's two jobs did not both start training")
         subprocess.run(["scancel", "--user", str(os.getuid())], check=True)
-        proc.wait(timeout=300)
+        wait_for(lambda: True if not slurm_jobs() else None, 120, "the cancelled jobs did not end")
     finally:
+        # Without SLURM's accounting (sacct), submitit cannot tell a cancelled job from a running
+        # one, so the sweep process would wait on: end it, as its user would.
         proc.kill()
     stops = {}
     for job in job_dirs(sweep_dir):
