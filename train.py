@@ -29,6 +29,7 @@ def cli() -> int:
     """Run Hydra; a compose error (wrong key, value, option) is one line and exit code 2."""
     from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
     from experiments.run.jobdir import undo_sweep
+    from experiments.run.slurm import SUBMISSION_ERRORS, submission_error_line
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them
     outcomes.update(rejected=0, ran=0)
@@ -37,6 +38,9 @@ def cli() -> int:
     except COMPOSE_ERRORS as e:
         print(f"paralab: config error: {compose_error_line(e)}", file=sys.stderr)
         return 2
+    except SUBMISSION_ERRORS as e:  # sbatch refused the sweep's jobs
+        print(f"paralab: {submission_error_line(e)}", file=sys.stderr)
+        return 1
     except OSError as e:  # the job dir cannot be written: a full disk, no permission, a read-only mount
         where = f" ({e.filename})" if e.filename else ""
         advice = "free space and run again" if e.errno == errno.ENOSPC else "use another hydra.run.dir"

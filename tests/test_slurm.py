@@ -208,3 +208,12 @@ def test_scancel_of_a_sweep_then_the_same_sweep_again_finishes_every_job_as_unin
         else:
             assert [r["from_step"] for r in m["resumes"]] == [stops[job.name]], m["resumes"]
         assert m["losses"] == losses(ref_dir / job.name), job.name
+
+
+def test_a_job_sbatch_refuses_is_one_line_with_the_fix(cluster, tmp_path):
+    """This cluster has no GPUs: by default a job asks for one per rank, and sbatch refuses it."""
+    proc = train("-m", *SLURM, "strategy=ddp", "train.steps=2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("paralab: SLURM refused the sweep's jobs: sbatch: error: "), last
+    assert "train.device=cpu" in last and "Traceback" not in proc.stderr

@@ -81,6 +81,26 @@ def check_submitit_installed(argv: list[str]) -> None:
         raise SystemExit(2) from None
 
 
+def _submission_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from submitit.core.utils import FailedJobError
+    except ImportError:  # the extra is not installed: nothing is submitted either
+        return ()
+    return (FailedJobError,)
+
+
+SUBMISSION_ERRORS = _submission_errors()
+
+
+def submission_error_line(e: BaseException) -> str:
+    """sbatch's own complaint, in one line, with the fix where paralab knows it."""
+    said = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), str(e).strip())
+    hint = ""
+    if "gres" in said.lower():
+        hint = "; a job asks for one GPU per rank unless train.device=cpu (or launcher.gpus_per_node=0)"
+    return f"SLURM refused the sweep's jobs: {said}{hint}"
+
+
 def under_submitit() -> bool:
     return bool(os.environ.get("SUBMITIT_EXECUTOR"))
 
