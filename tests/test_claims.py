@@ -147,16 +147,19 @@ def run_preset(preset: str, sweep_dir: Path, narrowed: dict[str, list[str]]) -> 
 
 @pytest.mark.parametrize("preset", GRIDS)
 def test_experiment_preset_sweeps_at_two_ranks(tmp_path, preset):
-    """Every preset as a sweep, at one world size (2 ranks: one core each here)."""
-    params = sweep_params(preset)
-    narrowed = {"launcher.nproc_per_node": ["2"]} if "launcher.nproc_per_node" in params else {}
+    """Every preset as a sweep, at one world size (2 ranks: one core each here), over the first two
+    values of each swept key: a grid of its own kind, each job named from its overrides."""
+    params = {**sweep_params(preset), **installed_only(sweep_params(preset))}
+    narrowed = {k: v[:2] for k, v in params.items()}
+    if "launcher.nproc_per_node" in params:
+        narrowed["launcher.nproc_per_node"] = ["2"]
     run_preset(preset, tmp_path / "sweep", narrowed)
 
 
 @pytest.mark.full
-@pytest.mark.parametrize("preset", [p for p in GRIDS if "launcher.nproc_per_node" in sweep_params(p)])
+@pytest.mark.parametrize("preset", GRIDS)
 def test_experiment_preset_full_sweep(tmp_path, preset):
-    """Every job of the preset's sweep (those that sweep no world size already ran whole above)."""
+    """Every job of the preset's sweep."""
     run_preset(preset, tmp_path / "sweep", {})
 
 
@@ -271,11 +274,13 @@ def parity(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_parity_exits_1_on_a_real_mismatch():
-    # ResNet-18 keeps BatchNorm: statistics per rank, so 2-rank DDP does not compute one process's loss.
+    # Plain BatchNorm: statistics per rank, so 2-rank DDP does not compute one process's loss.
     proc = parity(
         "strategy=ddp",
         "launcher.nproc_per_node=2",
-        "model=resnet18",
+        "model=cnn",
+        "model.norm=batch",
+        "model.channels=4",
         "dataset=fake_images",
         "dataset.input_shape=[3,16,16]",
         "dataset.num_samples=32",
