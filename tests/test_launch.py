@@ -66,7 +66,7 @@ def test_default_experiment_learns(tmp_path):
             "launcher=local",
             "model=resnet18",
             "dataset=fake_images",
-            "dataset.input_shape=[3,32,32]",
+            "dataset.input_shape=[3,16,16]",
             "train.lr=0.01",
         ],
         [
