@@ -18,33 +18,17 @@ from torch.utils.data import Dataset, default_collate
 
 from data.spec import DataSpec
 from experiments.config.schema import ConfigError, DatasetConfig
+from experiments.config.targets import call, locate
 
 
 def build_user_dataset(cfg: DatasetConfig, seed: int, split: str) -> Dataset:
-    from hydra.utils import get_object, instantiate
-
-    try:
-        fn = get_object(cfg._target_)
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise ConfigError(
-            f"dataset._target_={cfg._target_} does not import ({type(cause).__name__}: {cause}); "
-            "is its package on PYTHONPATH (or installed)?"
-        ) from None
+    fn = locate("dataset", cfg._target_)
     try:
         params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # no signature to read: pass neither
         params = {}  # type: ignore[assignment]
     given = {k: v for k, v in (("split", split), ("seed", seed)) if k in params}
-    try:
-        ds = instantiate({"_target_": cfg._target_, "_partial_": True, **cfg.args})(**given)
-    except ConfigError:
-        raise
-    except Exception as e:
-        cause = e.__cause__ if e.__cause__ is not None and type(e).__name__ == "InstantiationException" else e
-        raise ConfigError(
-            f"dataset={cfg.name}: {cfg._target_}(split={split!r}, ...) raised {type(cause).__name__}: {cause}"
-        ) from None
+    ds = call(f"dataset={cfg.name} (split={split})", cfg._target_, cfg.args, given)
     if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
         raise ConfigError(
             f"dataset._target_={cfg._target_} returned a {type(ds).__name__}, not a map-style "

@@ -17,6 +17,7 @@ from torch import nn
 
 from data.spec import DataSpec
 from experiments.config.schema import ConfigError, ModelConfig
+from experiments.config.targets import call, locate
 
 # What a model receives from the dataset when its constructor names it (and the config does not).
 DATA_FIELDS = ("input_shape", "num_classes", "vocab_size", "seq_len")
@@ -28,16 +29,7 @@ HEADED = ("models.transformer.Transformer", "models.llama.Llama")
 
 
 def model_target(cfg: ModelConfig) -> Callable[..., nn.Module]:
-    from hydra.utils import get_object
-
-    try:
-        return get_object(cfg.target)
-    except Exception as e:
-        cause = e.__cause__ or e
-        raise ConfigError(
-            f"model._target_={cfg.target} does not import ({type(cause).__name__}: {cause}); "
-            "is its package on PYTHONPATH (or installed)?"
-        ) from None
+    return locate("model", cfg.target)
 
 
 def _data_args(fn: Callable[..., nn.Module], cfg: ModelConfig, spec: DataSpec) -> dict[str, object]:
@@ -93,21 +85,9 @@ def _fits(kind: type, value: object) -> bool:
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    """Hydra instantiates `_target_` with the config's keys as a partial (so `_partial_` changes
-    nothing), and paralab completes the call with the dataset's shapes the constructor names."""
-    from hydra.utils import instantiate
-
+    """The config's `_target_` called with its keys and the dataset's shapes it names."""
     fn = model_target(cfg)
-    given = _data_args(fn, cfg, spec)
-    try:
-        model = instantiate({"_target_": cfg.target, "_partial_": True, **cfg.args})(**given)
-    except ConfigError:
-        raise
-    except Exception as e:
-        cause = e.__cause__ if e.__cause__ is not None and type(e).__name__ == "InstantiationException" else e
-        raise ConfigError(
-            f"model={cfg.label}: {cfg.target}(...) raised {type(cause).__name__}: {cause}"
-        ) from None
+    model = call(f"model={cfg.label}", cfg.target, cfg.args, _data_args(fn, cfg, spec))
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model._target_={cfg.target} returned a {type(model).__name__}, not a torch.nn.Module"
