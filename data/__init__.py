@@ -1,4 +1,4 @@
-"""Datasets by name, their DataSpec, and per-data-parallel-rank loaders."""
+"""Datasets by name (or a user's, by `_target_`: user.py), their DataSpec, and per-data-parallel-rank loaders."""
 
 from __future__ import annotations
 
