@@ -137,8 +137,9 @@ class Llama(StagedModel):
         ]
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, object] | None:
-        if self.moe:  # its experts are split by expert parallelism, not by a Megatron plan
-            return None
+        # Read off the blocks: a pipeline stage, which holds some of them, calls this too.
+        if any(isinstance(b.feed_forward, MoE) for b in self.blocks.values()):
+            return None  # experts are split by expert parallelism, not by a Megatron plan
         return decoder_block_plan(
             attention_in=("attention.wq", "attention.wk", "attention.wv"),
             attention_out="attention.wo",

@@ -33,7 +33,9 @@ class StagedModel(nn.Module):
         return x
 
     def tp_plan(self, sequence_parallel: bool) -> dict[str, object] | None:
-        """Per-block ParallelStyle plan for tensor parallelism; None when the model has none."""
+        """Per-block ParallelStyle plan for tensor parallelism; None when the model has none. A
+        pipeline stage calls it as its own (parallel/strategies/pipeline.py), so it may read the
+        model's blocks, stem and head, and nothing else of it."""
         return None
 
     def tp_divisors(self) -> list[tuple[str, int]]:
