@@ -17,12 +17,13 @@ from experiments.config.schema import ConfigError, DatasetConfig
 DATASETS = ("synthetic", "tokens", "mnist", "cifar10", "fake_images")
 
 
-def dataset_spec(cfg: DatasetConfig) -> DataSpec:
-    """The shapes a dataset yields, known without loading it (a user's: from its first sample)."""
+def dataset_spec(cfg: DatasetConfig, train: Dataset | None = None) -> DataSpec:
+    """The shapes a dataset yields, known without loading it (a user's: from its first sample,
+    of `train` where the caller has built the training split already)."""
     if cfg._target_:
         from data.user import user_spec
 
-        return user_spec(cfg)
+        return user_spec(cfg, train)
     if cfg.name not in DATASETS:
         raise ConfigError(
             f"unknown dataset '{cfg.name}'; choose one of: {', '.join(DATASETS)}, or give a _target_ of your own"

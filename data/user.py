@@ -41,16 +41,16 @@ def build_user_dataset(cfg: DatasetConfig, seed: int, split: str) -> Dataset:
 _SPECS: dict[str, DataSpec] = {}
 
 
-def user_spec(cfg: DatasetConfig) -> DataSpec:
-    """The task and shapes, read off the first training sample; checked against the config."""
+def user_spec(cfg: DatasetConfig, train: Dataset | None = None) -> DataSpec:
+    """The task and shapes, read off the first training sample (of `train`, when the caller has
+    built that split already); checked against the config."""
     key = json.dumps([cfg._target_, cfg.args, cfg.input_shape, cfg.num_classes, cfg.vocab_size], default=str)
     if key not in _SPECS:
-        _SPECS[key] = _spec(cfg)
+        _SPECS[key] = _spec(cfg, train if train is not None else build_user_dataset(cfg, 0, "train"))
     return _SPECS[key]
 
 
-def _spec(cfg: DatasetConfig) -> DataSpec:
-    ds = build_user_dataset(cfg, 0, "train")
+def _spec(cfg: DatasetConfig, ds: Dataset) -> DataSpec:
     if len(ds) == 0:  # type: ignore[arg-type]
         raise ConfigError(f"dataset={cfg.name}: its training split holds no sample")
     x, y = _pair(cfg, ds[0])
@@ -81,9 +81,9 @@ def _pair(cfg: DatasetConfig, sample: object) -> tuple[torch.Tensor, torch.Tenso
 def check_user_dataset(cfg: DatasetConfig, seed: int, batch: int) -> None:
     """Both splits build; the training one holds a batch; a batch of each collates, with labels
     the model can predict."""
-    spec = user_spec(cfg)
-    for split in ("train", "val"):
-        ds = build_user_dataset(cfg, seed, split)
+    train = build_user_dataset(cfg, seed, "train")
+    spec = user_spec(cfg, train)
+    for split, ds in (("train", train), ("val", build_user_dataset(cfg, seed, "val"))):
         n = len(ds)  # type: ignore[arg-type]
         if split == "train" and n < batch:
             raise ConfigError(

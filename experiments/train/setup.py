@@ -89,8 +89,8 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     degrees = resolve_degrees(cfg.strategy, env.world_size)
     mesh = build_mesh(degrees, device.type)
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    spec = dataset_spec(cfg.dataset)
     dataset = build_dataset(cfg.dataset, cfg.seed)
+    spec = dataset_spec(cfg.dataset, dataset)
 
     # Every rank builds the full model from one seed before sharding: identical initial weights
     # for every strategy and world size.
