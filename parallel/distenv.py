@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import parse_qsl, urlparse
 
 import torch
 import torch.distributed as dist
@@ -102,10 +104,37 @@ def _attempt_store(timeout: timedelta | None) -> dist.Store | None:
             port = int(os.environ["MASTER_PORT"])
             return loopback_store(port, world, rank == 0, timeout or timedelta(minutes=30))
         return None  # init_process_group's own env:// rendezvous
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timeout or timedelta(minutes=30),
+    return dist.PrefixStore(_attempt_prefix(), _job_store_client(timeout or timedelta(minutes=30)))
+
+
+def _attempt_prefix() -> str:
+    return f"paralab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _job_store_client(timeout: timedelta) -> dist.TCPStore:
+    """One more connection to the store the process group met in (the agent's, or rank 0's)."""
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
     )
-    return dist.PrefixStore(f"paralab/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+JOB_STORE_SCHEME = "paralab-job-store"
+
+
+def _job_store_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **_: object):
+    """torch.distributed.rendezvous for `paralab-job-store://<name>`: the job's store under a
+    prefix of its own; rendezvous() adds this rank and the world size to the query."""
+    parsed = urlparse(url)
+    query = dict(parse_qsl(parsed.query))
+    store = dist.PrefixStore(f"{_attempt_prefix()}/{parsed.netloc}", _job_store_client(timeout))
+    yield store, int(query["rank"]), int(query["world_size"])
+    raise RuntimeError(f"{JOB_STORE_SCHEME}:// cannot rendezvous again")
+
+
+def job_store_init_method(name: str) -> str:
+    """An init_method for what rendezvous on its own (RPC): it meets in the job's store, which
+    listens already, instead of on a port picked now and bound later, which another process
+    on the machine can take in between."""
+    with contextlib.suppress(RuntimeError):  # registered by an earlier call in this process
+        dist.register_rendezvous_handler(JOB_STORE_SCHEME, _job_store_rendezvous)
+    return f"{JOB_STORE_SCHEME}://{name}"

@@ -9,8 +9,7 @@ read with pickle. What torch offers to keep a single-node job off the network, u
   (`master_listen_fd`, see `loopback_store`);
 - gloo and NCCL pick their interface from `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME` (`lo`),
   TensorPipe (torch.distributed.rpc) from `TP_SOCKET_IFNAME`;
-- RPC builds its own store from an init_method URL: a rendezvous handler registered for
-  `paralab-loopback://` hands it `loopback_store`'s store instead (`loopback_init_method`).
+- RPC meets in the job's store (distenv.job_store_init_method), which already listens on loopback.
 Multi-node jobs need the network: run them on a trusted network (docs/security.md).
 """
 
@@ -22,7 +21,6 @@ import os
 import socket
 from collections.abc import Iterator
 from datetime import timedelta
-from urllib.parse import parse_qsl, urlparse
 
 import torch.distributed as dist
 
@@ -34,7 +32,6 @@ _LOOPBACK_ENV = {
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
     "TP_SOCKET_IFNAME": "lo",
 }
-LOOPBACK_SCHEME = "paralab-loopback"
 
 
 def is_loopback(host: str) -> bool:
@@ -80,25 +77,6 @@ def loopback_store(port: int, world_size: int, is_master: bool, timeout: timedel
     return dist.TCPStore(
         LOOPBACK, port, world_size, True, timeout=timeout, master_listen_fd=listener.detach()
     )
-
-
-def _loopback_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **_: object):
-    """torch.distributed.rendezvous for `paralab-loopback://127.0.0.1:<port>`; rendezvous() adds
-    this rank and the world size to the query."""
-    parsed = urlparse(url)
-    query = dict(parse_qsl(parsed.query))
-    rank, world = int(query["rank"]), int(query["world_size"])
-    if parsed.port is None:
-        raise ValueError(f"{url}: no port")
-    yield loopback_store(parsed.port, world, rank == 0, timeout), rank, world
-    raise RuntimeError(f"{LOOPBACK_SCHEME}:// cannot rendezvous again")
-
-
-def loopback_init_method(port: int) -> str:
-    """An init_method URL for what builds its own store (RPC): its store then listens on loopback only."""
-    with contextlib.suppress(RuntimeError):  # registered by an earlier call in this process
-        dist.register_rendezvous_handler(LOOPBACK_SCHEME, _loopback_rendezvous)
-    return f"{LOOPBACK_SCHEME}://{LOOPBACK}:{port}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -7,13 +7,12 @@ every run), steps rank 0's optimizer, and answers every worker with the new para
 gradient norm. No collective carries the gradients: this is the pre-all-reduce design (Li et al.,
 OSDI 2014) that paralab can compare against DDP.
 
-The RPC agent has its own rendezvous: rank 0 picks a port and shares it over the process group.
+The RPC agent meets in the job's store, under a prefix of its own.
 RPC traffic does not pass through c10d, so paralab's communication counter does not see it.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -24,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from experiments.config.schema import Config, ConfigError
 from parallel.base import Engine, Parallelized, StrategyContext, module_forward_backward
-from parallel.loopback import LOOPBACK, free_port, is_loopback, loopback_init_method
+from parallel.distenv import job_store_init_method
 
 SERVER = "ps0"
 
@@ -97,16 +96,12 @@ class ParameterServerEngine(Engine):
 
 
 def _init_rpc(rank: int, world: int) -> None:
-    host = os.environ.get("MASTER_ADDR", LOOPBACK)
-    port = [free_port(host) if rank == 0 else 0]
-    dist.broadcast_object_list(port, src=0)
-    # One node: RPC's store on loopback too (TensorPipe's own sockets follow TP_SOCKET_IFNAME).
-    init = loopback_init_method(port[0]) if is_loopback(host) else f"tcp://{host}:{port[0]}"
+    # TensorPipe's own sockets follow TP_SOCKET_IFNAME (loopback on one node).
     rpc.init_rpc(
         f"ps{rank}",
         rank=rank,
         world_size=world,
-        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=init),
+        rpc_backend_options=rpc.TensorPipeRpcBackendOptions(init_method=job_store_init_method("rpc")),
     )
 
 
