@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from data.spec import DataSpec
 from experiments.config.schema import Config
 from models import HIDDEN_WIDTH
 from parallel.mesh import Degrees
@@ -34,6 +35,15 @@ class ModelSizes:
     blocks_here: int = 0
     # Those of local_shapes outside the blocks (stem, head, final norm): FSDP's root group.
     root_shapes: tuple[tuple[int, ...], ...] = ()
+    # Whether this rank runs the model's stem and head (a pipeline's first and last stage do).
+    stem_here: bool = True
+    head_here: bool = True
+    # Where this rank's blocks sit in the whole model (0, 1, ...): which ones train.ac_every picks.
+    block_ids: tuple[int, ...] | None = None
+
+    @property
+    def block_positions(self) -> tuple[int, ...]:
+        return self.block_ids if self.block_ids is not None else tuple(range(self.blocks_here))
 
     @property
     def local_psi(self) -> int:
@@ -47,7 +57,14 @@ class ModelSizes:
         return padded(self.root_shapes, n)
 
     @classmethod
-    def of(cls, model: nn.Module, psi: int, param_bytes: int, assigned_psi: int | None = None) -> ModelSizes:
+    def of(
+        cls,
+        model: nn.Module,
+        psi: int,
+        param_bytes: int,
+        assigned_psi: int | None = None,
+        block_order: list[str] | None = None,
+    ) -> ModelSizes:
         """This rank's `model` (TP-sharded, a pipeline stage, or whole), group by group as FSDP
         shards it: its blocks, and the root's own parameters."""
         from parallel.layout import tp_local_shapes
@@ -62,6 +79,11 @@ class ModelSizes:
             local_shapes=tp_local_shapes(params),
             blocks_here=len(blocks) if blocks is not None else 0,
             root_shapes=tp_local_shapes(p for p in params if id(p) not in in_blocks),
+            stem_here=getattr(model, "stem", None) is not None,
+            block_ids=tuple(block_order.index(n) for n in blocks)
+            if block_order is not None and blocks is not None
+            else None,
+            head_here=getattr(model, "head", None) is not None,
         )
 
 
@@ -79,6 +101,7 @@ class Setting:
     local_batch: int  # samples per data-parallel rank per optimizer step
     seq_len: int
     pp_rank: int = 0
+    data: DataSpec | None = None  # for the activation count
 
 
 # collective -> (payload bytes S per step, group size, calls per step or None where not predicted);

@@ -85,6 +85,8 @@ class StrategySpec:
     # Strategy keys it reads that its other traits do not imply (experiments/run/keys.py).
     reads: frozenset[str] = frozenset()
     # Its name in records and reports where a key picks a variant (DeepSpeed's stage).
+    # Why train.compile cannot run under it (refused before launch); None where it can.
+    no_compile: str | None = None
     label: Callable[[StrategyConfig], str] | None = None
     # Its own rules, checked with the others before any process starts (raises ConfigError).
     check: Callable[[Config], None] | None = None
@@ -132,6 +134,8 @@ STRATEGIES: dict[str, StrategySpec] = {
         comm=no_comm,
         shards="the batch over GPUs in one process",
         drops_aux_loss="nn.DataParallel's replicas compute it, and are dropped after each forward",
+        no_compile="nn.DataParallel copies the model to each GPU every step, and a compiled forward "
+        "belongs to the original",
     ),
     "ddp": StrategySpec(
         apply_ddp,
@@ -163,12 +167,14 @@ STRATEGIES: dict[str, StrategySpec] = {
         "dp_replicate",
         stage=deepspeed_stage,
         memory=deepspeed_memory,
-        reads=frozenset({"bucket_cap_mb", "zero_stage"}),  # its reduce/gather buckets; its stage
+        # its reduce/gather buckets; its stage; offload_optimizer
+        reads=frozenset({"bucket_cap_mb", "zero_stage", "offload"}),
         comm=deepspeed_comm,
         check=check_deepspeed,
         # Its engine says why (parallel/strategies/deepspeed.py) and refuses a load too, after launch.
         resumable=DeepSpeedEngine.resumable,
         label=lambda s: f"deepspeed_zero{s.zero_stage}",
+        no_compile="DeepSpeed compiles through its own engine.compile(), which paralab does not drive",
         shards="DeepSpeed's ZeRO: the batch + optimizer state (stage 1), grads (2), params (3)",
     ),
     # RPC, not c10d, carries its gradients: paralab's counter sees none of it (no prediction).

@@ -14,12 +14,14 @@ import torch
 
 from data import dataset_spec
 from experiments.config.schema import typed_config
+from experiments.measure.record import Tag
 from experiments.report.parity import compose_config, deviations, reference_overrides, run_case, tolerance
 from experiments.train.checkpoint import load_full_model_state
 from models import build_model
 from parallel.layout import DS_PARTITION
 from parallel.strategies.deepspeed import INSTALL, installed
 from tests.helpers import SharedJobs
+from tests.test_memory import ACTIVATION_TOLERANCE
 
 # Optional extras: their cases are skipped, saying why, where the extra is not installed.
 NEEDS_DEEPSPEED = pytest.mark.skipif(not installed(), reason=f"strategy=deepspeed needs: {INSTALL}")
@@ -102,6 +104,8 @@ COMMON = [
     # any world size, so the last batch is partial (at 4 ranks, two ranks hold no real sample).
     "train.eval_every=2",
     "train.eval_samples=37",
+    # Step 3 follows an evaluation, and activations are not measured there: step 4 measures them.
+    "train.measure_every=4",
 ]
 
 
@@ -227,6 +231,32 @@ FULL = [
 ]
 
 
+# Activation checkpointing recomputes in backward the forward it did not keep, op for op: on CPU
+# a run with it equals the run without it bit for bit (losses, grad norms, evaluations, every
+# parameter), under every strategy. Each case's base (train.ac dropped) is a case above.
+AC_MATRIX = [
+    Case("ddp", 2, LLAMA, ("train.ac=full", "train.ac_every=2")),
+    Case("fsdp", 2, LLAMA, ("train.ac=selective",)),
+    Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
+    Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", "train.ac=full")),
+]
+AC_FULL = [
+    Case("zero1", 2, extra=("train.ac=full",)),
+    Case("zero2", 2, extra=("train.ac=selective",)),
+    Case("zero3", 2, G, ("train.precision=bf16", "train.ac=selective")),
+    Case("mp", 2, extra=("train.ac=full",)),
+    Case("tp", 2, G, ("train.ac=selective", "train.ac_every=2")),
+    Case("fsdp_tp", 4, LLAMA, ("train.ac=full",)),
+    Case("ddp_pp", 4, G, ("train.ac=selective",)),
+    Case("fsdp", 2, MOE, ("model.top_k=1", "train.ac=selective")),
+    Case("ddp", 4, CNN, ("train.ac=selective",)),
+    Case("pp", 2, ZOO, ("train.ac=full",)),
+    *(Case("pp", 2, LLAMA, (f"strategy.schedule={s}", "train.ac=full")) for s in ("gpipe", "1f1b", "zbv")),
+    Case("fsdp_tp_pp", 8, LLAMA, ("train.ac=selective",)),
+    Case("ps", 2, extra=("train.ac=full",)),
+]
+
+
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """Single-process reference runs, one per reference config for the whole session."""
@@ -236,6 +266,13 @@ def references(tmp_path_factory):
         return shared.get(reference_overrides(case.overrides), run_case)
 
     return get
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Strategy runs, once per session: a lever's case compares itself with its base case's run."""
+    shared = SharedJobs(tmp_path_factory, "runs")
+    return lambda case: shared.get(case.overrides, run_case)
 
 
 def fresh_model(overrides: list[str]):
@@ -355,9 +392,9 @@ def check_eval(case: Case, got: dict, ref: dict, tol: float) -> None:
     )
 
 
-def check(case: Case, tmp_path: Path, references) -> None:
+def check(case: Case, runs, references) -> None:
     ref, ref_job = references(case)
-    got = run_case(case.overrides, tmp_path / "job")
+    got, job = runs(case)
     assert got["world_size"] == case.world
     tol = tolerance(got["precision"])
     worst = max(deviations(got["losses"], ref["losses"]))
@@ -376,7 +413,7 @@ def check(case: Case, tmp_path: Path, references) -> None:
     )
     check_eval(case, got, ref, tol)
     check_layout(case, got)
-    mine, theirs = full_params(tmp_path / "job", case.overrides), full_params(ref_job, case.overrides)
+    mine, theirs = full_params(job, case.overrides), full_params(ref_job, case.overrides)
     for name, value in mine.items():
         scale = theirs[name].abs().max().clamp_min(1e-3)
         dev = ((value - theirs[name]).abs().max() / scale).item()
@@ -384,14 +421,14 @@ def check(case: Case, tmp_path: Path, references) -> None:
 
 
 @pytest.mark.parametrize("case", MATRIX, ids=str)
-def test_matches_single_process(case, tmp_path, references):
-    check(case, tmp_path, references)
+def test_matches_single_process(case, runs, references):
+    check(case, runs, references)
 
 
 @pytest.mark.full
 @pytest.mark.parametrize("case", FULL, ids=str)
-def test_matches_single_process_full(case, tmp_path, references):
-    check(case, tmp_path, references)
+def test_matches_single_process_full(case, runs, references):
+    check(case, runs, references)
 
 
 def test_fp64_trains_and_checkpoints_every_parameter_in_float64(tmp_path):
@@ -420,3 +457,50 @@ def test_plain_batchnorm_is_not_single_process_training(tmp_path, references):
     got = run_case(case.overrides, tmp_path / "job")
     worst = max(deviations(got["losses"], ref["losses"]))
     assert worst > 100 * tolerance(got["precision"]), (worst, got["losses"], ref["losses"])
+
+
+def without_ac(case: Case) -> Case:
+    return Case(
+        case.strategy, case.world, case.model, tuple(e for e in case.extra if not e.startswith("train.ac"))
+    )
+
+
+def check_ac(case: Case, runs) -> None:
+    base, base_job = runs(without_ac(case))
+    got, job = runs(case)
+    assert got["ac"] != "none" and base["ac"] == "none"
+    held_out = [[e[k] for k in ("step", "val_loss", "val_acc", "val_ppl")] for e in got["evals"]]
+    assert held_out == [[e[k] for k in ("step", "val_loss", "val_acc", "val_ppl")] for e in base["evals"]]
+    for key in ("losses", "grad_norms"):
+        assert got[key] == base[key], f"{case}: {key} differ from the run without AC\n{got[key]}\n{base[key]}"
+    mine, theirs = full_params(job, case.overrides), full_params(base_job, case.overrides)
+    for name, value in mine.items():
+        assert torch.equal(value, theirs[name]), f"{case}: parameter {name} differs from the run without AC"
+    # It does checkpoint: every rank keeps less for backward, as predicted where predicted.
+    for r, rb in zip(got["ranks"], base["ranks"], strict=True):
+        assert r[Tag.ACTIVATIONS] < rb[Tag.ACTIVATIONS], (
+            case,
+            r["rank"],
+            r[Tag.ACTIVATIONS],
+            rb[Tag.ACTIVATIONS],
+        )
+        for run in (r, rb):
+            if Tag.THEORY_ACTIVATIONS in run and got["precision"] != "bf16":
+                measured, predicted = run[Tag.ACTIVATIONS], run[Tag.THEORY_ACTIVATIONS]
+                assert abs(measured / predicted - 1) < ACTIVATION_TOLERANCE, (
+                    case,
+                    run["rank"],
+                    measured,
+                    predicted,
+                )
+
+
+@pytest.mark.parametrize("case", AC_MATRIX, ids=str)
+def test_activation_checkpointing_is_the_same_run(case, runs):
+    check_ac(case, runs)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("case", AC_FULL, ids=str)
+def test_activation_checkpointing_is_the_same_run_full(case, runs):
+    check_ac(case, runs)

@@ -50,6 +50,7 @@ BOUNDS: dict[str, Bound] = {
     "train.global_batch_size": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
     "train.log_every": AT_LEAST_1,
+    "train.ac_every": AT_LEAST_1,
     "train.lr": ABOVE_0,
     "train.momentum": Bound(0, 1, high_open=True),  # 1 or more never forgets a gradient: the run diverges
     "train.weight_decay": AT_LEAST_0,

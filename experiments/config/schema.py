@@ -58,6 +58,14 @@ class Objective(StrEnum):
     samples_per_s = "samples_per_s"
 
 
+class AC(StrEnum):
+    """Activation checkpointing of the model's blocks (parallel/levers.py)."""
+
+    none = "none"
+    full = "full"  # keep each checkpointed block's input, recompute all of it in backward
+    selective = "selective"  # keep its matmul and attention outputs, recompute the cheap ops
+
+
 class RdzvBackend(StrEnum):
     c10d = "c10d"
     static = "static"
@@ -106,6 +114,11 @@ class TrainConfig:
     eval_samples: int = -1
     # What the Hydra job returns for sweepers to minimise or maximise.
     objective: Objective = Objective.val_loss
+    # Activation checkpointing of every `ac_every`-th block (blocks k, 2k, ... counting from 1).
+    ac: AC = AC.none
+    ac_every: int = 1
+    # torch.compile each block's forward (inductor); its compile time is logged apart from steps.
+    compile: bool = False
 
 
 @dataclass
@@ -124,6 +137,9 @@ class StrategyConfig:
     mp_reduce_dtype: MixedDtype = MixedDtype.fp32
     # DeepSpeed (strategy=deepspeed): its ZeRO stage, 1 | 2 | 3.
     zero_stage: int = 3
+    # Parameters, gradients and optimizer state in host memory (FSDP2's CPUOffloadPolicy,
+    # DeepSpeed's offload_optimizer): CUDA only, since on CPU they live there already.
+    offload: bool = False
     # Tensor parallel: shard norms/dropout along the sequence between the TP regions.
     sequence_parallel: bool = False
     # Pipeline: schedule name and microbatches per local batch; stages per rank for interleaved ones.

@@ -3,6 +3,7 @@ one run, as the `theory/*` tags logged beside the measurements."""
 
 from __future__ import annotations
 
+from experiments.measure.activation_theory import predicted_activation_bytes
 from experiments.measure.record import Tag
 from experiments.measure.theory import (
     Precision,
@@ -65,10 +66,28 @@ def bubble(x: Setting) -> dict[str, float]:
     }
 
 
+def activations(x: Setting) -> dict[str, float]:
+    """What autograd keeps for backward in one micro-step on this rank, where the model's count is known."""
+    if x.data is None:
+        return {}
+    t = x.cfg.train
+    bytes_ = predicted_activation_bytes(
+        x.cfg,
+        x.data,
+        x.local_batch / t.grad_accum_steps,
+        x.sizes.block_positions,
+        x.sizes.stem_here,
+        x.sizes.head_here,
+        x.degrees.tp,
+    )
+    return {} if bytes_ is None else {Tag.THEORY_ACTIVATIONS: bytes_}
+
+
 def predict(spec, x: Setting) -> dict[str, float]:
     """Every prediction for one rank of a run, from its strategy's registry entry."""
     return {
         **memory(spec.zero_stage(x.cfg.strategy), x, spec.memory),
+        **activations(x),
         **communication(spec.comm, x),
         **(bubble(x) if spec.pipelined else {}),
     }

@@ -53,6 +53,11 @@ class Tag:
     MODEL_STATE_BYTES = "mem/model_state_bytes"
     PEAK_RSS = "mem/peak_rss_bytes"
     CUDA_PEAK = "mem/cuda_peak_allocated_bytes"
+    # The peak from the step's start to the end of its backward: activations at their height.
+    CUDA_PEAK_FWD_BWD = "mem/cuda_peak_fwd_bwd_allocated_bytes"
+    # Bytes autograd keeps for backward, per micro-step (experiments/measure/activations.py).
+    ACTIVATIONS = "mem/activations_bytes"
+    THEORY_ACTIVATIONS = "theory/mem/activations_bytes"
     COMM_TOTAL_WIRE = "comm/total_wire_bytes"
     THEORY_MODEL_STATE = "theory/mem/model_state_bytes"
     THEORY_PAPER_MODEL_STATE = "theory/mem/paper_model_state_bytes"
@@ -67,6 +72,10 @@ class Tag:
     @staticmethod
     def theory_mem(category: str) -> str:
         return f"theory/mem/{category}_bytes"
+
+    @staticmethod
+    def activations(block: str) -> str:
+        return f"mem/activations_by_block/{block}"
 
     @staticmethod
     def comm(collective: str, what: str) -> str:
@@ -123,6 +132,14 @@ class RunRecord:
     val_acc: float | None = None
     val_ppl: float | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
+    # The memory levers (train.ac, train.ac_every, train.compile).
+    ac: str = "none"
+    ac_every: int = 1
+    compile: bool = False
+    # The first step's wall time (lazy init, warm-up and, with train.compile, the compilation),
+    # and compile_s = first_step_s - step_time_s: the compile's cost, kept out of step time.
+    first_step_s: float = 0.0
+    compile_s: float | None = None
 
     def objective(self, name: str) -> float | None:
         """The number a sweeper optimises (train.objective)."""

@@ -24,6 +24,7 @@ STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "reshard_after_forward": lambda spec: spec.fill == "dp_shard",
     "mp_param_dtype": lambda spec: spec.fill == "dp_shard",
     "mp_reduce_dtype": lambda spec: spec.fill == "dp_shard",
+    "offload": lambda spec: spec.fill == "dp_shard",
     "sequence_parallel": lambda spec: spec.needs_tp_plan,
     "schedule": lambda spec: spec.pipelined,
     "microbatches": lambda spec: spec.pipelined,

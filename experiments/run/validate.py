@@ -135,7 +135,20 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
         raise ConfigError(
             f"dataset.num_samples={cfg.dataset.num_samples} is smaller than train.global_batch_size={t.global_batch_size}"
         )
+    from parallel.levers import check_levers
     from parallel.plans import check_plans
 
     check_plans(cfg, degrees, spec, model)
+    check_levers(cfg, model, spec.no_compile, spec.pipelined)
+    _check_offload(cfg)
     return degrees
+
+
+def _check_offload(cfg: Config) -> None:
+    """FSDP2's CPUOffloadPolicy and DeepSpeed's offload move model state from GPU to host memory."""
+    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    if cfg.strategy.offload and not cuda:
+        raise ConfigError(
+            "strategy.offload=true moves parameters, gradients and optimizer state from GPU to host "
+            "memory; on CPU they are there already (FSDP2's CPUOffloadPolicy needs CUDA): drop it"
+        )

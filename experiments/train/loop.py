@@ -140,6 +140,11 @@ def finish(run: Run, job_dir: Path) -> float:
             timing_note=meter.timing_note,
             evals=meter.evals,
             **_last_eval(meter.evals),
+            ac=t.ac,
+            ac_every=t.ac_every,
+            compile=t.compile,
+            first_step_s=meter.first_step_s,
+            compile_s=meter.first_step_s - step_time if t.compile else None,
         )
         record.write(job_dir)
         write_hparams(job_dir, record)

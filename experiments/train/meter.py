@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from experiments.config.schema import TrainConfig
+from experiments.measure.activations import SavedActivations
 from experiments.measure.counters import CommCounter, GatheredParams, peak_memory_bytes, reset_peak_memory
 from experiments.measure.metrics import TensorBoardSink
 from experiments.measure.record import Tag
@@ -170,6 +171,8 @@ class Meter:
         self.busy_seconds = busy_seconds
         self.log = log
         self.gathered = GatheredParams(state.model)
+        self.saved = SavedActivations(state.model)
+        self._cuda_peak_fwd_bwd: int | None = None
         self.timing_meaningful, self.timing_note = timing_check(env, device)
         self.check_syncs = t.check_syncs and device.type == "cuda"
         self.zero = torch.zeros((), device=device)
@@ -210,6 +213,7 @@ class Meter:
         self.wall0 = time.perf_counter()  # set again by start(), when the loop begins
         self.checkpoint_s = 0.0  # saves inside the loop: reported apart, not in the loop's wall time
         self.samples_taken = 0
+        self.first_step_s = 0.0
         self.last_comm: dict[str, float] = {}
         self._counter: CommCounter | None = None
         self._grads_bytes = 0
@@ -259,10 +263,14 @@ class Meter:
         self.gathered.arm(True)
         # The allocator counts on the host, as ops are issued: no sync needed for a step's own peak.
         reset_peak_memory(self.device, self.rates.devices_per_rank)
-        if step == self.cold_step and self.samples_taken % COMM_EVERY_SAMPLES == 0:
+        if step == self.cold_step:
             # After an evaluation a pipeline re-initialises its stages for backward (shape
-            # messages): not the strategy's per-step traffic. The next sample counts instead.
+            # messages, one more forward): not the strategy's per-step traffic or activations.
+            # A later sample counts them instead.
+            if self.samples_taken % COMM_EVERY_SAMPLES:
+                self.samples_taken += 1
             return self._probe_grads
+        self.saved.arm(True)
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
             self._counter = CommCounter()
             self._counter.__enter__()
@@ -270,6 +278,11 @@ class Meter:
         return self._probe_grads
 
     def _probe_grads(self) -> None:
+        self.saved.arm(False)
+        if self.device.type == "cuda":
+            self._cuda_peak_fwd_bwd = peak_memory_bytes(self.device, self.rates.devices_per_rank)[
+                Tag.CUDA_PEAK
+            ]
         engine = self.state.engine
         # An engine may keep gradients in its own buffers, which exist only now, before its step.
         self._engine_memory = engine.memory() if engine is not None else None
@@ -312,6 +325,8 @@ class Meter:
             self._finish_sample(step)
         else:
             sync(self.device)  # the first step: its warm-up stays out of the next clean stretch
+            if step == self.first_step:
+                self.first_step_s = time.perf_counter() - self.wall0
         # The last interval's values have had a whole step to arrive.
         stop = self._read()
         if self.logs(step) or stop:
@@ -341,6 +356,7 @@ class Meter:
             Tag.OPTIM_BYTES: optim_bytes,
             Tag.MODEL_STATE_BYTES: params_bytes + gathered + self._grads_bytes + optim_bytes,
             **peak_memory_bytes(self.device, self.rates.devices_per_rank),
+            **self._activation_bytes(),
         }
         if self._counter is not None:
             self.last_comm = self._counter.scalars()
@@ -348,6 +364,17 @@ class Meter:
         self.last_sample = {**self.last_comm, **memory}
         self.sink.scalars(step, {**memory, **self.theory})
         self._counter = None
+
+    def _activation_bytes(self) -> dict[str, float]:
+        """Per micro-step: a micro-step's activations are freed by its backward, before the next."""
+        per = 1.0 / self.t.grad_accum_steps
+        if not self.saved.by_block:
+            return {}  # not measured on this sample (the step after an evaluation)
+        out = {Tag.ACTIVATIONS: self.saved.total * per}
+        out.update({Tag.activations(b): n * per for b, n in sorted(self.saved.by_block.items())})
+        if self._cuda_peak_fwd_bwd is not None:
+            out[Tag.CUDA_PEAK_FWD_BWD] = self._cuda_peak_fwd_bwd
+        return out
 
     # ---- log steps ----
     def _reduce(self, step: int) -> None:

@@ -25,11 +25,12 @@ from experiments.train.meter import Meter, Rates, TimedBatches
 from experiments.train.state import TrainState
 from experiments.train.step import GradNorm, replay_first_backward
 from models import build_model, meta_model
-from models.staged import aux_loss_of
+from models.staged import aux_loss_of, blocks_of
 from parallel.base import Parallelized, StrategyContext
 from parallel.costs import ModelSizes, Setting
 from parallel.distenv import RankEnv
 from parallel.layout import local_optimizer
+from parallel.levers import apply_ac, apply_compile
 from parallel.mesh import Degrees, build_mesh, dp_rank_and_size
 from parallel.optim import lr_scheduler, optimizer_spec
 from parallel.registry import StrategySpec, get_spec, resolve_degrees
@@ -105,6 +106,11 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     if aux_loss_of(model) is not None:
         aux_terms = []
         ctx.loss_fn = with_aux_loss(ctx.loss_fn, model, aux_terms)
+    block_order = list(blocks_of(model) or {})
+    # Before the strategy: its hooks (FSDP's all-gather) then wrap the recomputed region.
+    apply_ac(model, t.ac, t.ac_every)
+    if t.compile:
+        apply_compile(model)
     strategy = get_spec(cfg.strategy.name)
     par = strategy.apply(model, mesh, ctx)
     del model  # pipeline ranks keep only their stages
@@ -131,9 +137,9 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     local_samples = t.global_batch_size // dp_size
     tokens_per_sample = spec.seq_len if spec.task == "lm" else 0
     owned_psi = sum(p.numel() for g in local_optimizer(opt).param_groups for p in g["params"])
-    sizes = ModelSizes.of(par.model, psi, elem, assigned_psi=owned_psi)
+    sizes = ModelSizes.of(par.model, psi, elem, assigned_psi=owned_psi, block_order=block_order)
     pp_rank = mesh["pp"].get_local_rank()
-    theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank))
+    theory = predict(strategy, Setting(cfg, degrees, sizes, local_samples, spec.seq_len, pp_rank, spec))
     peak, peak_dtype = peak_flops_per_s(device, cfg, has_conv)
     if device.type == "cuda":
         log.info(
@@ -183,7 +189,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
     )
     if not meter.timing_meaningful:
         log.warning("timings not meaningful: %s", meter.timing_note)
-    norm = GradNorm(par.model, mesh)
+    norm = GradNorm(par.model, mesh, device)
     evaluator = None
     if t.eval_samples != 0:
         held_out = build_dataset(cfg.dataset, cfg.seed, "val")

@@ -69,7 +69,7 @@ class GradNorm:
     its share of them once, rather than all of them to be divided.
     """
 
-    def __init__(self, model: nn.Module, mesh: DeviceMesh) -> None:
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, device: torch.device | None = None) -> None:
         per_stage = mesh.size() // mesh["pp"].size()
         self.params = [p for p in model.parameters() if p.requires_grad]
         groups: dict[int, list[nn.Parameter]] = {}
@@ -80,7 +80,9 @@ class GradNorm:
             if isinstance(p, DTensor):
                 groups.setdefault(_holders(p, per_stage), []).append(p)
         self.groups = [(1.0 / h, ps) for h, ps in sorted(groups.items())]
-        self.device = next(model.parameters()).device
+        # The run's device: where the norm is reduced and logged, even where the gradients
+        # are offloaded to host memory (strategy.offload).
+        self.device = device or next(model.parameters()).device
 
     # Under no_grad, DTensor.to_local is an attribute read; with grad mode on it is an autograd
     # Function call per parameter per step.
@@ -103,7 +105,7 @@ class GradNorm:
             sq = torch.dot(norms, norms).float()
             if weight != 1.0:
                 sq = sq * weight
-            total = sq if total is None else total + sq
+            total = sq.to(self.device, non_blocking=True) if total is None else total + sq.to(self.device)
         # A fresh zero: clipping all-reduces the result in place, and the Meter buffers it.
         return torch.zeros((), dtype=torch.float32, device=self.device) if total is None else total
 
@@ -118,7 +120,9 @@ class StepResult:
 def clip_(norm: GradNorm, sq: Tensor, max_norm: float) -> None:
     """Scale every local gradient by min(1, max_norm / norm) in place, on the device."""
     coef = torch.clamp(max_norm / (sq.sqrt() + 1e-6), max=1.0)
-    torch._foreach_mul_(norm.local_grads(), coef)
+    grads = norm.local_grads()
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
 
 
 def replay_first_backward(par: Parallelized, batch: tuple[Tensor, Tensor], device: torch.device) -> None:

@@ -68,7 +68,11 @@ def ds_config(cfg: Config, dp: int) -> dict[str, Any]:
             "reduce_bucket_size": bucket,
             "allgather_bucket_size": bucket,
             "stage3_prefetch_bucket_size": bucket,
+            # strategy.offload: the optimizer's states and step in host memory (ZeRO-Offload),
+            # with torch's optimizer where DeepSpeed would insist on its own CPU Adam.
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": True}} if cfg.strategy.offload else {}),
         },
+        "zero_force_ds_cpu_optimizer": False,
         # DeepSpeed clips to 1.0 unless told otherwise; paralab clips only when asked (the same
         # rule: scale by min(1, max_norm / (norm + 1e-6)), inside DeepSpeed's step).
         "gradient_clipping": t.grad_clip,

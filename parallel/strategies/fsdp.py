@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from models.staged import blocks_of
 from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
@@ -26,6 +26,9 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
         "mp_policy": MixedPrecisionPolicy(
             param_dtype=DTYPES[s.mp_param_dtype], reduce_dtype=DTYPES[s.mp_reduce_dtype]
         ),
+        # strategy.offload (CUDA only, checked before launch): sharded parameters, their gradients
+        # and the optimizer's step live in pinned host memory; FSDP copies each block's to the GPU.
+        "offload_policy": CPUOffloadPolicy() if s.offload else OffloadPolicy(),
     }
     # A model without blocks (models/staged.py) is one FSDP unit: its root.
     for block in (blocks_of(model) or {}).values():
