@@ -51,7 +51,7 @@ sweep: $(STAMP) ## sweep strategies × world sizes (ARGS to override)
 compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=outputs/sweeps/<dir>], default the newest
 	$(PY) -m experiments.report.compare $(SWEEP)
 
-bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampled steps' share of the time vs < 2% (ARGS="--strategies ddp --sizes small --repeats 3")
+bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampled steps' share of the time vs < 2%; then compiled vs eager for ddp and fsdp (ARGS="--strategies ddp --sizes small --repeats 3")
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.report.bench $(ARGS)
 
 tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/, on localhost (HOST=0.0.0.0 to serve other machines)

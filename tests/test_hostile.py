@@ -156,6 +156,27 @@ TABLE = [
     Bad(("dataset.num_samples=1000000000000",), "dataset=synthetic holds ~"),
     Bad(("model.layers=100000000",), "model.layers=100000000 must be <= 10000"),
     Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
+    # memory levers (issue 23)
+    Bad(
+        ("model.layers=2", "train.ac=full", "train.ac_every=3"),
+        "train.ac_every=3 is more than the model's 2 blocks",
+    ),
+    Bad(("train.ac=some",), "train.ac"),
+    Bad(("train.ac_every=0",), "train.ac_every"),
+    Bad(
+        ("model=torchvision", "model.arch=shufflenet_v2_x0_5", "dataset=fake_images", "train.ac=selective"),
+        "declares none",
+    ),
+    Bad(
+        (*LLAMA, "strategy=pp", "strategy.schedule=zbv", "train.ac=selective"),
+        "train.ac=selective cannot run under strategy.schedule=zbv",
+    ),
+    Bad(
+        ("strategy=dp", "launcher=local", "train.compile=true"),
+        "train.compile=true cannot run under strategy=dp",
+    ),
+    Bad(("strategy=fsdp", "strategy.offload=true"), "strategy.offload=true"),
+    Bad(("strategy=ddp", "strategy.offload=true"), "does not use strategy.offload"),
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import dataset_spec
-from experiments.config.schema import typed_config
+from experiments.config.schema import ConfigError, typed_config
 from experiments.measure.activation_theory import predicted_activation_bytes
 from experiments.measure.activations import SavedActivations
 from experiments.report.parity import compose_config
@@ -46,7 +46,7 @@ ACTIVATION_TOLERANCE = 0.02
 MODELS = {"gpt": GPT, "llama": LLAMA, "moe": MOE, "mlp": MLP}
 
 
-def measure(overrides: tuple[str, ...], batch: int) -> tuple[int, float]:
+def measure(overrides: tuple[str, ...], batch: int) -> tuple[int, float | None]:
     cfg = typed_config(compose_config(["strategy=single", *overrides]))
     spec = dataset_spec(cfg.dataset)
     torch.manual_seed(0)
@@ -58,19 +58,105 @@ def measure(overrides: tuple[str, ...], batch: int) -> tuple[int, float]:
     x, y = spec.example(batch, "cpu")
     if spec.task == "lm":
         x, y = torch.randint(0, spec.vocab_size, x.shape), torch.randint(0, spec.vocab_size, y.shape)
+    if cfg.train.precision == "fp64":
+        model, x = model.double(), x.double() if x.is_floating_point() else x
     saved = SavedActivations(model)
     saved.arm(True)
-    loss_fn(model(x), y).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        loss = loss_fn(model(x), y)
+    loss.backward()
     saved.arm(False)
-    blocks = len(model.blocks)
-    predicted = predicted_activation_bytes(cfg, spec, batch, range(blocks))
-    assert predicted is not None
     assert set(saved.by_block) <= {*model.blocks, "other"}
-    return saved.total, predicted
+    return saved.total, predicted_activation_bytes(cfg, spec, batch, range(len(model.blocks)))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp64"])
 @pytest.mark.parametrize("ac", ["none", "full", "selective"])
 @pytest.mark.parametrize("model", MODELS)
-def test_measured_activation_bytes_are_the_predicted_ones(model, ac):
-    measured, predicted = measure((*MODELS[model], f"train.ac={ac}"), batch=4)
+def test_measured_activation_bytes_are_the_predicted_ones(model, ac, precision):
+    measured, predicted = measure((*MODELS[model], f"train.ac={ac}", f"train.precision={precision}"), batch=4)
+    if model == "moe" and precision == "bf16":
+        assert predicted is None  # not derived: said so rather than guessed
+        return
     assert abs(measured / predicted - 1) < ACTIVATION_TOLERANCE, (measured, predicted)
+
+
+# ---- the pre-launch check counts activations ----
+
+BIG_BATCH = (
+    "model=transformer",
+    "dataset=tokens",
+    "model.hidden=256",
+    "model.heads=4",
+    "model.layers=4",
+    "dataset.seq_len=1024",
+    "model.max_seq_len=1024",
+    "train.global_batch_size=4096",
+    "dataset.num_samples=4096",
+)
+
+
+def _typed(*overrides: str):
+    from parallel.registry import resolve_degrees
+
+    cfg = typed_config(compose_config(list(overrides)))
+    return cfg, resolve_degrees(cfg.strategy, cfg.launcher.nproc_per_node)
+
+
+def test_activations_are_counted_per_rank_by_the_strategy_that_holds_them():
+    from experiments.run.resources import activation_bytes_per_rank
+
+    cfg, d = _typed(*GPT, "strategy=ddp", "launcher.nproc_per_node=2")
+    ddp = activation_bytes_per_rank(cfg, d)
+    cfg, d = _typed(*GPT, "strategy=ddp", "launcher.nproc_per_node=4")
+    assert activation_bytes_per_rank(cfg, d) == pytest.approx(ddp / 2)  # half the batch each
+    cfg, d = _typed(*GPT, "strategy=pp", "launcher.nproc_per_node=2")
+    pp = activation_bytes_per_rank(cfg, d)  # the whole batch, half of the 3 blocks (2 on rank 0)
+    assert ddp < pp < 2 * ddp
+    cfg, d = _typed(*GPT, "strategy=ddp", "launcher.nproc_per_node=2", "train.ac=full")
+    assert activation_bytes_per_rank(cfg, d) < ddp / 5
+
+
+def test_the_levers_offered_are_the_ones_that_fit():
+    from experiments.run.resources import _levers_that_fit, activation_bytes_per_rank
+
+    cfg, d = _typed(*BIG_BATCH, "launcher.nproc_per_node=2")
+    full = activation_bytes_per_rank(_typed(*BIG_BATCH, "launcher.nproc_per_node=2", "train.ac=full")[0], d)
+    limit = 1.01 * full  # what fits: full AC at this batch, or no AC at a smaller one
+    hints = _levers_that_fit(cfg, d, lambda c: activation_bytes_per_rank(c, d) <= limit)
+    assert hints[0] == "train.ac=full"
+    n = int(hints[1].removeprefix("train.global_batch_size <= "))
+    smaller = _typed(*BIG_BATCH, "launcher.nproc_per_node=2", f"train.global_batch_size={n}")[0]
+    larger = _typed(*BIG_BATCH, "launcher.nproc_per_node=2", f"train.global_batch_size={n + 2}")[0]
+    assert activation_bytes_per_rank(smaller, d) <= limit < activation_bytes_per_rank(larger, d)
+
+
+def test_a_batch_whose_activations_do_not_fit_is_refused_before_launch(tmp_path):
+    from experiments.run.resources import check_resources
+
+    cfg, d = _typed(*BIG_BATCH, "launcher.nproc_per_node=2")
+    with pytest.raises(ConfigError) as e:
+        check_resources(cfg, d, tmp_path)
+    line = str(e.value)
+    assert "GiB of activations per rank (train.ac=none)" in line, line
+    assert "train.global_batch_size <= " in line, line
+
+
+def test_the_gpt_count_is_korthikantis_without_dropout_and_scores_at_e_bytes():
+    """Paper, 16-bit: s·b·h·(34 + 5as/h) per layer; selective recomputation drops the scores. Less
+    the two 1-byte dropout masks per element (32 left, at 2 bytes), at 4 bytes in fp32 that is
+    64·s·b·h, plus what flash attention and LayerNorm keep in fp32 (a logsumexp per head, mean and
+    rstd per norm)."""
+    from experiments.measure.activation_theory import korthikanti_layer_bytes
+
+    s, b, h, a = 16, 4, 32, 4
+    assert korthikanti_layer_bytes(s, b, h, a) == s * b * h * (34 + 5 * a * s / h)
+    assert korthikanti_layer_bytes(s, b, h, a, t=2) == s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2))
+    assert korthikanti_layer_bytes(s, b, h, a, t=2, sp=True, recompute="selective") == s * b * h * 34 / 2
+    assert korthikanti_layer_bytes(s, b, h, a, recompute="full") == 2 * s * b * h
+    cfg, _ = _typed(*GPT, "model.layers=1", "strategy=single", "launcher=local")
+    spec = dataset_spec(cfg.dataset)
+    head_and_stem = predicted_activation_bytes(cfg, spec, b, [])
+    layer = predicted_activation_bytes(cfg, spec, b, [0]) - head_and_stem
+    paper = korthikanti_layer_bytes(s, b, h, a, recompute="selective")
+    assert layer == (paper - 2 * s * b * h) * 4 / 2 + 4 * s * b * (a + 4)

@@ -35,14 +35,14 @@ INT64 = 8
 
 
 def korthikanti_layer_bytes(
-    s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, ac: str = "none"
+    s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False, recompute: str = "none"
 ) -> float:
-    """The paper's activation bytes of one transformer layer at 16-bit (Eqs. 1-3 and §5's table):
-    no parallelism sbh(34 + 5as/h); TP sbh(10 + 24/t + 5as/(ht)); TP+SP sbh/t·(34 + 5as/h);
-    full recomputation 2sbh (2sbh/t with SP); selective: the 5as/h term recomputed."""
-    scores = 0.0 if ac == "selective" else 5 * a * s / h
-    if ac == "full":
-        return 2 * s * b * h / (t if sp else 1)
+    """The paper's activation bytes of one transformer layer at 16-bit (Table 2): no parallelism
+    sbh(34 + 5as/h); TP sbh(10 + 24/t + 5as/(ht)); TP+SP sbh(34/t + 5as/(ht)); selective
+    recomputation drops the 5as/h term (the attention scores); full recomputation keeps 2sbh."""
+    if recompute == "full":
+        return 2 * s * b * h
+    scores = 0.0 if recompute == "selective" else 5 * a * s / h
     if sp:
         return s * b * h * (34 + scores) / t
     return s * b * h * (10 + (24 + scores) / t)
@@ -50,78 +50,121 @@ def korthikanti_layer_bytes(
 
 @dataclass(frozen=True)
 class Shape:
-    """What one micro-step keeps, in bytes per token (per sample for non-sequence models)."""
+    """What one micro-step keeps: bytes per token (per sample for non-sequence models), and the
+    bf16 copies autocast makes of the weights, kept once per forward."""
 
     block: dict[AC, float]  # one block, by how it is checkpointed
     stem: float
     head: float
+    block_weights: float = 0.0  # a block that is not checkpointed (a checkpointed one recomputes them)
+    head_weights: float = 0.0
 
 
-def _e(cfg: Config) -> int:
-    """Bytes of an activation: the parameters' dtype, or bf16 under autocast (norm statistics,
-    logsumexp and the loss's log-softmax stay fp32)."""
-    return {"fp64": 8, "bf16": 2}.get(cfg.train.precision, 4)
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes per element as the model runs: e in fp32 and fp64, where activations are the
+    parameters' dtype; under bf16 autocast matmuls run and keep bf16 (`compute`), norms keep
+    fp32 (`stream`, the residual stream's dtype), and every linear keeps its own bf16 copy of its
+    input (in fp32 the linears after one norm share its output) and of its weight."""
+
+    stream: int
+    compute: int
+    autocast: bool
+
+    def linear_inputs(self, norms: int, linears: int) -> float:
+        """What the linears after `norms` norms keep of their inputs, in elements × bytes per h."""
+        return linears * self.compute if self.autocast else norms * self.compute
+
+    def weights(self, elements: float) -> float:
+        return 2 * elements if self.autocast else 0.0
+
+
+def _bytes(cfg: Config, stream_in_bf16: int) -> Bytes:
+    if cfg.train.precision == "bf16":
+        return Bytes(stream=stream_in_bf16, compute=2, autocast=True)
+    e = 8 if cfg.train.precision == "fp64" else 4
+    return Bytes(stream=e, compute=e, autocast=False)
 
 
 def _gpt(cfg: Config, data: DataSpec, t: int, sp: bool) -> Shape:
-    m, e = cfg.model, _e(cfg)
+    m, x = cfg.model, _bytes(cfg, FP32)  # the embeddings' sum starts an fp32 residual stream
     h, a = m.get("hidden"), m.get("heads")
     f = m.get("ffn_mult") * h
     r = t if sp else 1  # what sequence parallelism splits along the sequence
+    c = x.compute
     return Shape(
         block={
-            # Two LayerNorms' inputs (and mean, rstd), their outputs into QKV and the MLP (whole:
+            # Two LayerNorms' inputs (and mean, rstd); the linears' inputs after them (whole:
             # gathered under SP); Q, K, V, attention out (+ logsumexp); GeLU in and out.
-            AC.none: e * (2 * h / r + 2 * h + (4 * h + 2 * f) / t) + FP32 * (4 / r + a / t),
+            AC.none: x.stream * 2 * h / r
+            + x.linear_inputs(2, 4) * h
+            + c * (4 * h + 2 * f) / t
+            + FP32 * (4 / r + a / t),
             # The block's input; Q, K, V, attention out, w1 out; wo and w2 out (partial sums:
             # whole on every TP rank).
-            AC.selective: e * (h / r + (4 * h + f) / t + 2 * h) + FP32 * a / t,
-            AC.full: e * h / r,
+            AC.selective: x.stream * h / r + c * ((4 * h + f) / t + 2 * h) + FP32 * a / t,
+            AC.full: x.stream * h / r,
         },
         stem=INT64,  # token ids
-        head=e * 2 * h + FP32 * (2 + data.vocab_size) + INT64,  # norm in, out, stats; log-softmax; targets
+        # norm in (+ stats), its output into the head; log-softmax; targets
+        head=x.stream * h + x.linear_inputs(1, 1) * h + FP32 * (2 + data.vocab_size) + INT64,
+        block_weights=x.weights((4 * h * h + 2 * h * f) / t),
+        head_weights=x.weights(h * data.vocab_size),
     )
 
 
-def _llama(cfg: Config, data: DataSpec, t: int, sp: bool) -> Shape:
-    m, e = cfg.model, _e(cfg)
+def _llama(cfg: Config, data: DataSpec, t: int, sp: bool) -> Shape | None:
+    m, x = cfg.model, _bytes(cfg, FP32)  # the embedding's output starts an fp32 residual stream
     h, a = m.get("hidden"), m.get("heads")
     kv = m.get("kv_heads") or a
+    kvh = kv * (h // a)
     f = m.get("multiple_of") * math.ceil(int(2 * m.get("ffn_mult") * h / 3) / m.get("multiple_of"))
     experts, k = m.get("experts", 0), m.get("top_k", 1)
-    r = t if sp else 1
-    # Each RMSNorm: its input and the normalised input (and rsqrt), the weighted output into the
-    # next linear; attention: rotated Q, K and V repeated to every head, its output (+ logsumexp).
-    common = e * (4 * h / r + 2 * h + 4 * h / t) + FP32 * (2 / r + a / t)
+    if experts and x.autocast:
+        return None  # the router's fp32 and the experts' casts: not derived (docs/memory.md)
+    r, c = (t if sp else 1), x.compute
+    # Each RMSNorm: its input and the normalised input (and rsqrt); the linears' inputs after it
+    # (its weighted output); attention: rotated Q, K and V repeated to every head, its output
+    # (+ logsumexp).
+    common = x.stream * 4 * h / r + x.linear_inputs(2, 5) * h + c * 4 * h / t + FP32 * (2 / r + a / t)
     # input; wq, wk, wv, attention out (+ logsumexp); wo (partial sums: whole on every TP rank)
-    kept_attn = e * (h / r + (2 * h + 2 * kv * (h // a)) / t + h) + FP32 * a / t
+    kept_attn = x.stream * h / r + c * ((2 * h + 2 * kvh) / t + h) + FP32 * a / t
     if experts:
         # Router probabilities, top-k weights and their sum, each token's k copies gathered,
         # concatenated and weighted; SwiGLU's four per expert token; three int64 routing indices.
-        ffn = e * (experts + 2 * k + 1 + 3 * k * h + 4 * k * f) + INT64 * 3 * k
-        kept_ffn = e * (experts + k * (2 * f + h))  # router logits; w1, w3, w2 per expert token
+        ffn = c * (experts + 2 * k + 1 + 3 * k * h + 4 * k * f) + INT64 * 3 * k
+        kept_ffn = c * (experts + k * (2 * f + h))  # router logits; w1, w3, w2 per expert token
     else:
         # w1 out, silu out, w3 out, their product; kept: w1, w3, w2 out
-        ffn, kept_ffn = e * 4 * f / t, e * (2 * f / t + h)
+        ffn, kept_ffn = c * 4 * f / t, c * (2 * f / t + h)
     return Shape(
-        block={AC.none: common + ffn, AC.selective: kept_attn + kept_ffn, AC.full: e * h / r},
+        block={AC.none: common + ffn, AC.selective: kept_attn + kept_ffn, AC.full: x.stream * h / r},
         stem=INT64,
-        head=e * 3 * h + FP32 * (1 + data.vocab_size) + INT64,
+        head=x.stream * 2 * h + x.linear_inputs(1, 1) * h + FP32 * (1 + data.vocab_size) + INT64,
+        block_weights=x.weights((2 * h * h + 2 * h * kvh + 3 * h * f) / t),
+        head_weights=x.weights(h * data.vocab_size),
     )
 
 
 def _mlp(cfg: Config, data: DataSpec, t: int, sp: bool) -> Shape:
-    m, e = cfg.model, _e(cfg)
+    m, x = cfg.model, _bytes(cfg, 2)  # the stem's linear starts a bf16 residual stream
     h = m.get("hidden")
     f = m.get("ffn_mult") * h
+    n_in = math.prod(data.input_shape)
+    c = x.compute
     return Shape(
         block={
-            AC.none: e * (2 * h + 2 * f / t) + FP32 * 2,  # LayerNorm in (+ stats) and out, GeLU in and out
-            AC.selective: e * (2 * h + f / t),  # input, fc1 out, fc2 out
-            AC.full: e * h,
+            # LayerNorm in (+ stats), its output into fc1, GeLU in and out
+            AC.none: x.stream * h + x.linear_inputs(1, 1) * h + c * 2 * f / t + FP32 * 2,
+            AC.selective: x.stream * h + c * (f / t + h),  # input, fc1 out, fc2 out
+            AC.full: x.stream * h,
         },
-        stem=e * math.prod(data.input_shape),  # the flattened input into the first linear
-        head=e * 2 * h + FP32 * (2 + data.num_classes) + INT64,
+        # The flattened input into the first linear (its bf16 copy under autocast); not its weight:
+        # the input needs no gradient, so nothing keeps the weight for one.
+        stem=c * n_in,
+        head=x.stream * h + x.linear_inputs(1, 1) * h + FP32 * (2 + data.num_classes) + INT64,
+        block_weights=x.weights(2 * h * f / t),
+        head_weights=x.weights(h * data.num_classes),
     )
 
 
@@ -146,9 +189,14 @@ def predicted_activation_bytes(
     if shape_of is None:
         return None
     shape = shape_of(cfg, data, t, cfg.strategy.sequence_parallel and t > 1)
+    if shape is None:
+        return None
     units = samples * (data.seq_len if target in PER_TOKEN else 1)
     ac = AC(cfg.train.ac)
     every = cfg.train.ac_every
     chosen = sum(1 for i in blocks if ac != AC.none and (i + 1) % every == 0)  # as parallel/levers.py picks
-    total = chosen * shape.block[ac] + (len(blocks) - chosen) * shape.block[AC.none]
-    return units * (total + (shape.stem if stem else 0.0) + (shape.head if head else 0.0))
+    plain = len(blocks) - chosen
+    per_unit = chosen * shape.block[ac] + plain * shape.block[AC.none]
+    per_unit += (shape.stem if stem else 0.0) + (shape.head if head else 0.0)
+    once = plain * shape.block_weights + (shape.head_weights if head else 0.0)
+    return units * per_unit + once

@@ -107,6 +107,8 @@ def write_hparams(job_dir: Path, record: RunRecord) -> None:
         "model": record.model,
         "global_batch_size": record.global_batch_size,
         "precision": record.precision,
+        "ac": record.ac if record.ac_every == 1 else f"{record.ac}/{record.ac_every}",
+        "compile": record.compile,
     }
     results = {
         "hparam/samples_per_s": record.samples_per_s,

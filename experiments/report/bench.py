@@ -11,6 +11,9 @@ ratio in steady state with its 95 % confidence interval, the target and whether 
 clears it (met), falls short of it (missed) or straddles it (unsure), and the share of paralab's
 time its sampled steps cost, with its interval and verdict against < 2 %. Targets are printed,
 never enforced: a benchmark on a shared machine gates nothing.
+
+Then (`--parts compile`) paralab's own loop with train.compile against without, for ddp and fsdp:
+the steady step-time ratio measured in one run, and the compile's one-time cost.
 """
 
 from __future__ import annotations
@@ -354,11 +357,79 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=1.0,
         help="multiply each size's step count (e.g. 0.05 to smoke-test)",
     )
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("loop", "compile"),
+        default=["loop", "compile"],
+        help="loop: paralab against hand-written loops; compile: train.compile against eager",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides applied to every case, e.g. train.lr=0.05")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps_scale <= 0:
         p.error("--repeats must be >= 1 and --steps-scale > 0")
     return args
+
+
+# ---- compiled against eager ----
+
+# The GPT decoder, big enough that a step is compute (~0.1 s here), on the strategies torch compiles
+# per block most often: DDP and FSDP.
+COMPILE_CASE = (
+    "model=transformer",
+    "dataset=tokens",
+    "model.hidden=256",
+    "model.layers=4",
+    "model.heads=4",
+    "dataset.seq_len=128",
+    "train.global_batch_size=16",
+    "train.steps=30",
+    "train.log_every=10",
+)
+COMPILE_STRATEGIES = ("ddp", "fsdp")
+
+
+def compile_rows(args: argparse.Namespace, root: Path, log) -> None:
+    """Per strategy: paralab's steady step time eager and compiled, their ratio (the median of
+    each repeat's, the two run back to back), and the first step's extra time, the compile."""
+    if dist.get_rank() == 0:
+        print(
+            "\ncompiled against eager (train.compile; GPT 256 wide, 4 blocks, seq 128, batch 16): "
+            "median steady step time, eager/compiled = speed-up (median of paired repeats), "
+            "compile s = first step less a steady one",
+            flush=True,
+        )
+        print(
+            f"{'strategy':<8} {'eager s':>9} {'compiled s':>10} {'eager/compiled':>14} {'compile s':>9}",
+            flush=True,
+        )
+    for strategy in COMPILE_STRATEGIES:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        compile_s: list[float] = []
+        for r in range(args.repeats):
+            for compiled in (r % 2 == 1, r % 2 == 0):
+                extra = [*COMPILE_CASE, f"strategy={strategy}", f"train.compile={str(compiled).lower()}"]
+                cfg = typed_config(compose_config([*extra, *args.overrides]))
+                world = dist.get_world_size()
+                cfg = dataclasses.replace(
+                    cfg, launcher=dataclasses.replace(cfg.launcher, nproc_per_node=world)
+                )
+                validate(cfg, world)
+                job = root / f"compile-{strategy}-{compiled}-{r}"
+                gc.collect()
+                paralab_loop(cfg, job, log)
+                if dist.get_rank() == 0:
+                    record = RunRecord.read(job)
+                    times[compiled].append(record.step_time_s)
+                    if compiled and record.compile_s is not None:
+                        compile_s.append(record.compile_s)
+        if dist.get_rank() == 0:
+            ratio = statistics.median(e / c for e, c in zip(times[False], times[True], strict=True))
+            print(
+                f"{strategy:<8} {statistics.median(times[False]):>9.4f} {statistics.median(times[True]):>10.4f} "
+                f"{ratio:>14.2f} {statistics.median(compile_s):>9.1f}",
+                flush=True,
+            )
 
 
 def main(argv: list[str]) -> int:
@@ -374,7 +445,7 @@ def main(argv: list[str]) -> int:
     log.setLevel("ERROR")  # paralab's per-run info and warnings would bury the table
 
     first = True
-    for size_name in args.sizes:
+    for size_name in args.sizes if "loop" in args.parts else ():
         size = SIZES[size_name]
         steps = max(3, round(size.steps * args.steps_scale))
         for strategy in args.strategies:
@@ -422,6 +493,8 @@ def main(argv: list[str]) -> int:
             )
             if rank == 0:
                 print(row(strategy, size_name, size, steps, walls, steady), flush=True)
+    if "compile" in args.parts:
+        compile_rows(args, root, log)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)

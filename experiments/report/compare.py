@@ -37,8 +37,21 @@ class Job:
 
     @property
     def label(self) -> str:
-        extra = f" {self.r.schedule} m={self.r.microbatches}" if self.r.schedule else ""
-        return f"{self.r.strategy}{extra} ws={self.r.world_size}"
+        r = self.r
+        extra = f" {r.schedule} m={r.microbatches}" if r.schedule else ""
+        if r.ac != "none":
+            extra += f" ac={r.ac}" + (f"/{r.ac_every}" if r.ac_every > 1 else "")
+        extra += " compiled" if r.compile else ""
+        return f"{r.strategy}{extra} ws={r.world_size}"
+
+    def rank_memory(self) -> float | None:
+        """Model state + activations on the rank that holds most (MiB), where both are measured."""
+        both = [
+            r[Tag.MODEL_STATE_BYTES] + r[Tag.ACTIVATIONS]
+            for r in self.r.ranks
+            if r and Tag.MODEL_STATE_BYTES in r and Tag.ACTIVATIONS in r
+        ]
+        return max(both) / MiB if both else None
 
     def rank_mean(self, key: str) -> float | None:
         values = [r[key] for r in self.r.ranks if r and key in r]
@@ -120,6 +133,7 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
         ok = j.r.timing_meaningful
         ref = _reference(j, jobs)
         mem, mem_t = j.rank_max(Tag.MODEL_STATE_BYTES), j.theory(Tag.THEORY_MODEL_STATE)
+        act, act_t = j.rank_max(Tag.ACTIVATIONS), j.rank_max(Tag.THEORY_ACTIVATIONS)
         wire, wire_t = j.measured_wire(), j.theory_wire()
         bubble, bubble_t = j.rank_mean(Tag.BUBBLE), j.theory(Tag.THEORY_BUBBLE)
         dev = _max_dev(j.r.losses, ref.r.losses) if ref and ref is not j else None
@@ -135,6 +149,10 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
                 "theory MiB": _fmt(mem_t, MiB, 3),
                 "mem Δ": _pct(mem, mem_t),
                 "paper MiB": _fmt(j.theory(Tag.THEORY_PAPER_MODEL_STATE), MiB, 3),
+                "act MiB (max rank)": _fmt(act, MiB, 3),
+                "theory act MiB": _fmt(act_t, MiB, 3),
+                "act Δ": _pct(act, act_t),
+                "compile s": _fmt(j.r.compile_s, 1, 1),
                 "sent MiB/step": _fmt(wire, MiB, 3),
                 "theory sent": _fmt(wire_t, MiB, 3),
                 "comm Δ": _pct(wire, wire_t),
@@ -304,6 +322,47 @@ def plot_val_loss(jobs: list[Job], path: Path) -> bool:
     return True
 
 
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other beats on both counts (less memory, more throughput), by memory."""
+    front: list[tuple[float, float]] = []
+    for m, t in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or t > front[-1][1]:
+            front.append((m, t))
+    return front
+
+
+def plot_levers(jobs: list[Job], path: Path) -> bool:
+    """Memory per rank against throughput, one point per job: the trade the memory levers make."""
+    js = [j for j in jobs if j.rank_memory() is not None]
+    if not js:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, j in enumerate(js):
+        ok = j.r.timing_meaningful
+        ax.scatter(
+            [j.rank_memory()], [j.r.samples_per_s], color=f"C{i % 10}", facecolors=None if ok else "none"
+        )
+        ax.annotate(
+            j.label,
+            (j.rank_memory(), j.r.samples_per_s),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
+    front = pareto([(j.rank_memory(), j.r.samples_per_s) for j in js])
+    ax.plot(*zip(*front, strict=True), color="grey", ls=":", lw=1, label="Pareto front")
+    ax.set(
+        xlabel="MiB per rank: model state + activations (the fullest rank)",
+        ylabel="samples/s (global)",
+        title="Memory levers: what each job holds against what it trains",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_bubble(jobs: list[Job], path: Path) -> bool:
     js = [j for j in jobs if j.rank_mean(Tag.BUBBLE) is not None]
     if not js:
@@ -352,6 +411,11 @@ NOTES = """## Reading this report
   own bookkeeping count as idle, and oversubscribed ranks wait for a core. Each microbatch also pays
   a fixed cost, so with tiny models the measured bubble falls far less than theory as m grows.
   Zero-bubble schedules have no closed form here.
+- **act MiB** = bytes autograd keeps for backward in one micro-step on the rank that keeps most,
+  counted by saved-tensor hooks on a sampled step; **theory act** is Korthikanti et al.'s count
+  adapted to the model (docs/memory.md). `memory_levers.png` plots model state + activations
+  against throughput for every job, with the Pareto front: what activation checkpointing, sharding
+  and compile trade. **compile s** = the first step's time less a steady step's.
 - **val loss / acc / ppl** = the last held-out evaluation (accuracy for classification, perplexity
   for language models). `val_loss.png` plots each job's held-out loss against its training wall
   time with evaluations left out: time to quality, which an oversubscribed job (hollow) distorts.
@@ -378,6 +442,8 @@ def report(sweep: Path) -> str:
         pictures.append("val_loss.png")
     if plot_bubble(jobs, sweep / "bubble.png"):
         pictures.append("bubble.png")
+    if plot_levers(jobs, sweep / "memory_levers.png"):
+        pictures.append("memory_levers.png")
     text = table(rs)
     notes = timing_notes(jobs)
     md = [

@@ -6,8 +6,10 @@ the strategy's model in parallel/costs.py: what the
 strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
 parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
 bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations
-and torch's own buffers come on top, so a job that passes can still run out of memory; one that
-fails cannot run.
+are counted too, as `theory/mem/activations_bytes` (experiments/measure/activation_theory.py)
+where the model's count is known, on the fullest rank (a pipeline's stage with the most blocks).
+torch's own buffers come on top, so a job that passes can still run out of memory; one that fails
+cannot run.
 """
 
 from __future__ import annotations
@@ -104,6 +106,28 @@ def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
     return zero_model_state_bytes(stage or "dp", psi, degrees.dp, Precision(b, b, k))
 
 
+def activation_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
+    """What autograd keeps for one micro-step on the fullest rank (experiments/measure/activation_theory.py);
+    0 where the model's count is not known."""
+    from data import dataset_spec
+    from experiments.measure.activation_theory import predicted_activation_bytes
+    from models.staged import blocks_of
+    from parallel.registry import get_spec
+    from parallel.strategies.pipeline import rank_blocks
+
+    t, s = cfg.train, cfg.strategy
+    blocks = blocks_of(meta_model(cfg))
+    n = len(blocks) if blocks is not None else 0
+    samples = t.global_batch_size / degrees.dp / t.grad_accum_steps
+    if get_spec(s.name).pipelined:
+        placements = [rank_blocks(n, degrees.pp, r, s.schedule, s.stages_per_rank) for r in range(degrees.pp)]
+    else:
+        placements = [(list(range(n)), True, True)]
+    data = dataset_spec(cfg.dataset)
+    counts = [predicted_activation_bytes(cfg, data, samples, *p, t=degrees.tp) for p in placements]
+    return max((c for c in counts if c is not None), default=0.0)
+
+
 def model_sizes(model: nn.Module, zero1_ranks: int = 1) -> ModelSizes:
     """The sizes predict.memory reads, as setup measures them on the built model: here on an
     unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
@@ -140,6 +164,7 @@ def meta_model(cfg: Config) -> nn.Module:
 
 def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:
     state = model_state_bytes_per_rank(cfg, degrees)
+    acts = activation_bytes_per_rank(cfg, degrees)
     have = (
         min(torch.cuda.get_device_properties(i).total_memory for i in range(local))
         if cuda
@@ -152,6 +177,8 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
         f"{state / GiB:.2f} GiB of model state per rank: {parameter_count(cfg):,} parameters, "
         f"strategy={cfg.strategy.name}, {cfg.train.optimizer}"
     )
+    if acts:
+        model += f"; {acts / GiB:.2f} GiB of activations per rank (train.ac={cfg.train.ac})"
     if cuda:
         said = f"{model}; each GPU has {have / GiB:.1f} GiB"
     else:
@@ -159,8 +186,9 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
             f"{local} ranks need ~{need / GiB:.1f} GiB of RAM ({model}; plus ~{RANK_BASE_BYTES / GiB:.2f} GiB "
             f"per process), {have / GiB:.1f} GiB available"
         )
-    hint = _what_fits(cfg, degrees, lambda c: _need(c, degrees, local, cuda) <= have)
-    ranks = int(have // (state + RANK_BASE_BYTES))
+    fits = lambda c: _need(c, degrees, local, cuda) <= have  # noqa: E731
+    hint = _levers_that_fit(cfg, degrees, fits) + _what_fits(cfg, degrees, fits)
+    ranks = int(have // (state + acts + RANK_BASE_BYTES))
     if not cuda and ranks >= 1:
         hint.append(f"launcher.nproc_per_node <= {ranks}")
     raise ConfigError(
@@ -169,8 +197,34 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
 
 
 def _need(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> float:
-    state = model_state_bytes_per_rank(cfg, degrees)
-    return state if cuda else local * (state + RANK_BASE_BYTES)
+    per_rank = model_state_bytes_per_rank(cfg, degrees) + activation_bytes_per_rank(cfg, degrees)
+    return per_rank if cuda else local * (per_rank + RANK_BASE_BYTES)
+
+
+def _levers_that_fit(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) -> list[str]:
+    """Full activation checkpointing, or the largest global batch that fits, where either does."""
+    import dataclasses
+
+    from experiments.config.schema import AC
+
+    t = cfg.train
+    out = []
+    if t.ac != AC.full and fits(
+        dataclasses.replace(cfg, train=dataclasses.replace(t, ac=AC.full, ac_every=1))
+    ):
+        out.append("train.ac=full")
+    step = degrees.dp * t.grad_accum_steps
+
+    def batched(n: int) -> Config:
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_size=n * step))
+
+    lo, hi = 0, t.global_batch_size // step - 1
+    while lo < hi:  # the largest multiple n of `step` below the asked batch that fits; 0 if none
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(batched(mid)) else (lo, mid - 1)
+    if lo:
+        out.append(f"train.global_batch_size <= {lo * step}")
+    return out
 
 
 def _what_fits(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) -> list[str]:

@@ -65,6 +65,15 @@ def stage_ids(pp_rank: int, pp: int, v: int, schedule: str) -> list[int]:
     return [pp_rank + i * pp for i in range(v)]
 
 
+def rank_blocks(num_blocks: int, pp: int, pp_rank: int, schedule: str, configured: int) -> tuple[list[int], bool, bool]:
+    """Positions of the blocks a pipeline rank holds, and whether it holds the stem and the head."""
+    v = stages_per_rank(schedule, configured)
+    n_stages = pp * v
+    groups = split_blocks(list(range(num_blocks)), n_stages)
+    ids = stage_ids(pp_rank, pp, v, schedule)
+    return [b for i in sorted(ids) for b in groups[i]], 0 in ids, n_stages - 1 in ids
+
+
 class Stage(StagedModel):
     """A view of some of a StagedModel's blocks, plus its stem on the first stage and head on the last."""
 
