@@ -136,6 +136,10 @@ TWO_BACKWARDS = frozenset({"interleaved_zb", "zbv"})
 def check_levers(cfg: Config, model: nn.Module, no_compile: str | None, pipelined: bool) -> None:
     """What activation checkpointing and compile cannot do here, before launch (`model` on meta)."""
     t = cfg.train
+    if t.ac == AC.none and t.ac_every != 1:
+        raise ConfigError(
+            f"train.ac_every={t.ac_every} does nothing with train.ac=none; set train.ac=full or selective"
+        )
     if t.ac != AC.none:
         blocks = blocks_of(model)
         if blocks is None:

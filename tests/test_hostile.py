@@ -163,6 +163,7 @@ TABLE = [
     ),
     Bad(("train.ac=some",), "train.ac"),
     Bad(("train.ac_every=0",), "train.ac_every"),
+    Bad(("train.ac_every=2",), "train.ac_every=2 does nothing with train.ac=none"),
     Bad(
         ("model=torchvision", "model.arch=shufflenet_v2_x0_5", "dataset=fake_images", "train.ac=selective"),
         "declares none",

@@ -104,9 +104,9 @@ COMMON = [
     # any world size, so the last batch is partial (at 4 ranks, two ranks hold no real sample).
     "train.eval_every=2",
     "train.eval_samples=37",
-    # Step 3 follows an evaluation, and activations are not measured there: step 4 measures them.
-    "train.measure_every=4",
 ]
+# A pipeline's step 3 follows an evaluation, where its activations are not measured: step 4 is.
+MEASURE_4 = "train.measure_every=4"
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ AC_MATRIX = [
     Case("ddp", 2, LLAMA, ("train.ac=full", "train.ac_every=2")),
     Case("fsdp", 2, LLAMA, ("train.ac=selective",)),
     Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
-    Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", "train.ac=full")),
+    Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", MEASURE_4, "train.ac=full")),
 ]
 AC_FULL = [
     Case("zero1", 2, extra=("train.ac=full",)),
@@ -247,12 +247,12 @@ AC_FULL = [
     Case("mp", 2, extra=("train.ac=full",)),
     Case("tp", 2, G, ("train.ac=selective", "train.ac_every=2")),
     Case("fsdp_tp", 4, LLAMA, ("train.ac=full",)),
-    Case("ddp_pp", 4, G, ("train.ac=selective",)),
+    Case("ddp_pp", 4, G, (MEASURE_4, "train.ac=selective")),
     Case("fsdp", 2, MOE, ("model.top_k=1", "train.ac=selective")),
     Case("ddp", 4, CNN, ("train.ac=selective",)),
-    Case("pp", 2, ZOO, ("train.ac=full",)),
-    *(Case("pp", 2, LLAMA, (f"strategy.schedule={s}", "train.ac=full")) for s in ("gpipe", "1f1b", "zbv")),
-    Case("fsdp_tp_pp", 8, LLAMA, ("train.ac=selective",)),
+    Case("pp", 2, ZOO, (MEASURE_4, "train.ac=full")),
+    *(Case("pp", 2, LLAMA, (f"strategy.schedule={s}", MEASURE_4, "train.ac=full")) for s in ("gpipe", "1f1b", "zbv")),
+    Case("fsdp_tp_pp", 8, LLAMA, (MEASURE_4, "train.ac=selective")),
     Case("ps", 2, extra=("train.ac=full",)),
 ]
 

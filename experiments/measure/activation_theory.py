@@ -168,6 +168,48 @@ def _mlp(cfg: Config, data: DataSpec, t: int, sp: bool) -> Shape:
     )
 
 
+def _cnn(
+    cfg: Config, data: DataSpec, samples: float, blocks: Sequence[int], stem: bool, head: bool
+) -> float | None:
+    """models/cnn.py, per sample: each conv block keeps its conv's output (GroupNorm's input),
+    GroupNorm's mean and rstd per group, and ReLU's output, which the next conv reads as its input
+    (so a block's input is kept by the block before it, unless that one is checkpointed); the
+    stem's conv also keeps the image. A checkpointed block keeps its input the same way, and under
+    selective AC its conv's output."""
+    m, x = cfg.model, _bytes(cfg, FP32)
+    if x.autocast or m.get("norm", "group") != "group":
+        return None  # bf16 convolutions and BatchNorm's statistics: not derived (docs/memory.md)
+    e, c0, n = x.compute, m.get("channels"), m.get("layers")
+    channels, height, width = data.input_shape
+    maps = [(c0, height * width)]  # (channels, pixels) after the stem and after each block
+    for i in range(n):
+        height, width = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+        maps.append((c0 * 2 ** (i + 1), height * width))
+
+    def groups(ch: int) -> int:
+        return min(4, ch)  # models/norm.py
+
+    ac = AC(cfg.train.ac)
+    chosen = {i for i in blocks if ac != AC.none and (i + 1) % cfg.train.ac_every == 0}
+    total = 0.0
+    if stem:
+        ch, px = maps[0]
+        total += e * (channels * data.input_shape[1] * data.input_shape[2] + 2 * ch * px) + FP32 * 2 * groups(
+            ch
+        )
+    for i in blocks:
+        (cin, pin), (cout, pout) = maps[i], maps[i + 1]
+        # The input: kept by the block before unless that one was checkpointed (or by the stem).
+        own_input = 0 if i == 0 or (i - 1) not in chosen else e * cin * pin
+        if i not in chosen:
+            total += own_input + e * 2 * cout * pout + FP32 * 2 * groups(cout)
+        else:
+            total += own_input + (e * cout * pout if ac == AC.selective else 0)
+    if head:
+        total += e * maps[-1][0] + FP32 * data.num_classes + INT64  # pooled features; log-softmax; target
+    return samples * total
+
+
 PER_TOKEN = {"models.transformer.Transformer": _gpt, "models.llama.Llama": _llama}
 PER_SAMPLE = {"models.mlp.MLP": _mlp}
 
@@ -185,6 +227,8 @@ def predicted_activation_bytes(
     blocks at these positions of the model (and its stem and head where it does), under TP
     degree t; None where not predicted."""
     target = cfg.model.target
+    if target == "models.cnn.CNN":
+        return _cnn(cfg, data, samples, blocks, stem, head)
     shape_of = PER_TOKEN.get(target) or PER_SAMPLE.get(target)
     if shape_of is None:
         return None

@@ -19,10 +19,12 @@ import contextlib
 import re
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils.hooks import RemovableHandle
 
 from parallel.layout import local_tensor
@@ -79,11 +81,16 @@ class SavedActivations:
         self._block_params = set()
         self._current.clear()
         for name, block in self.blocks.items():
-            # First of all pre-hooks: activation checkpointing's saves the block's input.
+            # Before the strategies' pre-hooks: whatever they save belongs to this block.
             self._handles.append(block.register_forward_pre_hook(self._enter(name), prepend=True))
-            # After the strategies' own (FSDP's all-gather): the parameters are what runs.
+            # After them (FSDP's all-gather): the parameters are what runs.
             self._handles.append(block.register_forward_pre_hook(self._block_runs))
             self._handles.append(block.register_forward_hook(self._leave, always_call=True))
+        # The stem and head too: a pipeline stage under FSDP gathers them in its own pre-hook.
+        for name, child in self.model.named_children():
+            if name != "blocks":
+                self._handles.append(child.register_forward_pre_hook(self._block_runs))
+                self._handles.append(child.register_forward_hook(self._leave_child, always_call=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_runs))
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t))
@@ -111,28 +118,39 @@ class SavedActivations:
         if self._current:
             self._current.pop()
 
+    def _leave_child(self, module: nn.Module, args: object, output: object) -> None:
+        self._block_params = set()
+
     def _pack(self, t: Tensor) -> Tensor:
         self._count(t)
         return t
 
     def _count(self, t: Tensor) -> None:
-        where = local_tensor(t).untyped_storage().data_ptr()
-        if where in self._root_params or where in self._block_params or _holds(self._seen, t):
-            return
-        _remember(self._seen, t)
-        block = self._current[-1] if self._current else OUTSIDE_BLOCKS
-        self.by_block[block] += local_tensor(t).untyped_storage().nbytes()
+        for storage in _storages(t):
+            where = storage.data_ptr()
+            if where in self._root_params or where in self._block_params or _holds(self._seen, storage):
+                continue
+            self._seen[where] = StorageWeakRef(storage)
+            block = self._current[-1] if self._current else OUTSIDE_BLOCKS
+            self.by_block[block] += storage.nbytes()
 
 
 def _places(module: nn.Module) -> set[int]:
     return {local_tensor(p).untyped_storage().data_ptr() for p in (*module.parameters(), *module.buffers())}
 
 
-def _holds(seen: dict[int, StorageWeakRef], t: Tensor) -> bool:
-    ref = seen.get(local_tensor(t).untyped_storage().data_ptr())
+def _storages(t: Tensor) -> Iterator[torch.UntypedStorage]:
+    """The storages behind a tensor: a DTensor's local shard, a wrapper subclass's inner tensors
+    (functional collectives' AsyncCollectiveTensor has no storage of its own)."""
+    t = local_tensor(t)
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _storages(getattr(t, name))
+    else:
+        yield t.untyped_storage()
+
+
+def _holds(seen: dict[int, StorageWeakRef], storage: torch.UntypedStorage) -> bool:
+    ref = seen.get(storage.data_ptr())
     return ref is not None and not ref.expired()
-
-
-def _remember(seen: dict[int, StorageWeakRef], t: Tensor) -> None:
-    storage = local_tensor(t).untyped_storage()
-    seen[storage.data_ptr()] = StorageWeakRef(storage)

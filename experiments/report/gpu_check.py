@@ -87,7 +87,7 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
             world = need if need > 1 else min(gpus, 2)
             if gpus < world:
                 raise Skip(f"needs {world} GPUs, {gpus} visible")
-            m = _job(root, strategy, f"strategy={strategy}", *_launch(world), *extra)
+            m = _job(root, "_".join([strategy, *extra]), f"strategy={strategy}", *_launch(world), *extra)
             dev = _max_rel(m["losses"], single()["losses"])
             if dev > PARITY_REL:
                 raise AssertionError(f"{world} ranks: loss deviates {dev:.2e} from one GPU (> {PARITY_REL})")
@@ -181,6 +181,39 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
             raise AssertionError(f"busy {busy}, bubble {frac}")
         return f"gpipe, 2 stages, 4 microbatches: bubble {frac[-1]:.2f} (theory 0.20) from CUDA events"
 
+    def offload() -> str:
+        world = min(gpus, 2)
+        m = _job(root, "fsdp_offload", "strategy=fsdp", *_launch(world), "strategy.offload=true")
+        dev = _max_rel(m["losses"], single()["losses"])
+        if dev > PARITY_REL:
+            raise AssertionError(f"loss deviates {dev:.2e} from one GPU (> {PARITY_REL})")
+        plain = _job(root, "fsdp_plain", "strategy=fsdp", *_launch(world))
+        held, without = m["ranks"][0][Tag.CUDA_PEAK], plain["ranks"][0][Tag.CUDA_PEAK]
+        if not held < without:
+            raise AssertionError(f"offloaded step peak {held} is not below {without} without offload")
+        return f"fsdp + CPUOffloadPolicy on {world}: losses within {dev:.1e}; step peak {held / 2**20:.1f} < {without / 2**20:.1f} MiB"
+
+    def activations() -> str:
+        gpt = ("strategy=ddp", *_launch(min(gpus, 2)))
+        runs = {ac: _job(root, f"ac_{ac}", *gpt, f"train.ac={ac}") for ac in ("none", "full")}
+        worst = 0.0
+        for m in runs.values():
+            for r in m["ranks"]:
+                worst = max(worst, abs(r[Tag.ACTIVATIONS] / r[Tag.THEORY_ACTIVATIONS] - 1))
+        if worst > 0.02:
+            raise AssertionError(f"activations {worst:.1%} from theory (> 2%)")
+        if runs["full"]["losses"] != runs["none"]["losses"]:
+            raise AssertionError("train.ac=full changed the losses on CUDA")
+        peak = {ac: m["ranks"][0][Tag.CUDA_PEAK_FWD_BWD] for ac, m in runs.items()}
+        if not peak["full"] < peak["none"]:
+            raise AssertionError(
+                f"full AC's forward/backward peak {peak['full']} is not below {peak['none']}"
+            )
+        return (
+            f"activations within {worst:.2%} of theory; full AC the same losses, fwd+bwd peak "
+            f"{peak['full'] / 2**20:.1f} < {peak['none'] / 2**20:.1f} MiB"
+        )
+
     def ranks_per_gpu() -> str:
         problem = check_gpus("auto", gpus + 1, gpus)
         if not problem:
@@ -202,6 +235,9 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
         ("nccl pp", nccl("pp", 2)),
         ("nccl fsdp_tp", nccl("fsdp_tp", 4)),
         ("cuda memory vs theory", memory),
+        ("fsdp offload", offload),
+        ("activations and checkpointing", activations),
+        ("nccl ddp compiled", nccl("ddp", 0, "train.compile=true")),
         ("mfu", mfu),
         ("bf16", bf16),
         ("pipeline bubble", bubble),

@@ -164,6 +164,7 @@ class Meter:
         log: logging.Logger,
         progress: dict[str, Any] | None = None,
         aux_terms: list[Tensor] | None = None,
+        pipelined: bool = False,
     ) -> None:
         self.t, self.env, self.device, self.state = t, env, device, state
         self.batches, self.sink, self.theory, self.rates = batches, sink, theory, rates
@@ -172,6 +173,7 @@ class Meter:
         self.log = log
         self.gathered = GatheredParams(state.model)
         self.saved = SavedActivations(state.model)
+        self.pipelined = pipelined
         self._cuda_peak_fwd_bwd: int | None = None
         self.timing_meaningful, self.timing_note = timing_check(env, device)
         self.check_syncs = t.check_syncs and device.type == "cuda"
@@ -263,14 +265,13 @@ class Meter:
         self.gathered.arm(True)
         # The allocator counts on the host, as ops are issued: no sync needed for a step's own peak.
         reset_peak_memory(self.device, self.rates.devices_per_rank)
-        if step == self.cold_step:
+        if step != self.cold_step or not self.pipelined:
+            self.saved.arm(True)
+        if step == self.cold_step and self.samples_taken % COMM_EVERY_SAMPLES == 0:
             # After an evaluation a pipeline re-initialises its stages for backward (shape
-            # messages, one more forward): not the strategy's per-step traffic or activations.
-            # A later sample counts them instead.
-            if self.samples_taken % COMM_EVERY_SAMPLES:
-                self.samples_taken += 1
+            # messages, and one more forward, whose activations are not counted either): not
+            # the strategy's per-step traffic. The next sample counts instead.
             return self._probe_grads
-        self.saved.arm(True)
         if self.samples_taken % COMM_EVERY_SAMPLES == 0:
             self._counter = CommCounter()
             self._counter.__enter__()
@@ -369,7 +370,7 @@ class Meter:
         """Per micro-step: a micro-step's activations are freed by its backward, before the next."""
         per = 1.0 / self.t.grad_accum_steps
         if not self.saved.by_block:
-            return {}  # not measured on this sample (the step after an evaluation)
+            return {}  # not measured on this sample (a pipeline's step after an evaluation)
         out = {Tag.ACTIVATIONS: self.saved.total * per}
         out.update({Tag.activations(b): n * per for b, n in sorted(self.saved.by_block.items())})
         if self._cuda_peak_fwd_bwd is not None:

@@ -175,6 +175,7 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         log=log,
         progress=progress,
         aux_terms=aux_terms,
+        pipelined=strategy.pipelined,
     )
     log.info(
         "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d params=%d",

@@ -30,6 +30,8 @@ PARITY = "tests/test_parity.py::test_matches_single_process"
 COMM = "tests/test_measure.py::test_communication_is_exactly_the_strategys_own"
 MEMORY = "tests/test_measure.py::test_model_state_memory_matches_theory"
 INDEPENDENT = "tests/test_independent.py"
+AC = "tests/test_parity.py::test_activation_checkpointing_is_the_same_run"
+ACTIVATIONS = "tests/test_memory.py::test_measured_activation_bytes_are_the_predicted_ones"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,21 @@ MUTANTS = [
         "moe_aux_dropped",
         "the load-balancing loss is logged but never added to the loss",
         (f"{INDEPENDENT}::test_the_training_loss_of_a_mixture_adds_its_load_balancing_loss",),
+    ),
+    Mutant(
+        "ac_noop",
+        "activation checkpointing names its blocks but checkpoints none (still the same run)",
+        (f"{AC}[ddp-ws2-llama-ac=full-ac_every=2]",),
+    ),
+    Mutant(
+        "ac_selective_keeps_nothing",
+        "selective AC's policy recomputes every op: full AC in all but name",
+        (f"{ACTIVATIONS}[llama-selective-fp32]", f"{AC}[fsdp-ws2-llama-ac=selective]"),
+    ),
+    Mutant(
+        "activations_count_params",
+        "the activation count includes the weights layers keep for backward",
+        (f"{ACTIVATIONS}[llama-none-fp32]",),
     ),
 ]
 TIMEOUT_S = 1200

@@ -265,6 +265,39 @@ def moe_aux_dropped(setup) -> None:
     setup.with_aux_loss = with_aux_loss
 
 
+def ac_noop(levers) -> None:
+    """parallel.levers: activation checkpointing names its blocks but checkpoints none of them."""
+    real = levers.checkpointed_blocks
+
+    def apply_ac(model, ac, every):
+        hit("levers.apply_ac")
+        blocks = levers.blocks_of(model)
+        return [] if blocks is None else [list(blocks)[i] for i in real(len(blocks), ac, every)]
+
+    levers.apply_ac = apply_ac
+
+
+def ac_selective_keeps_nothing(levers) -> None:
+    """parallel.levers: selective AC's policy recomputes every op (it is full AC in all but name)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def policy(ctx, op, *args, **kwargs):
+        hit("levers._policy")
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    levers._policy = policy
+
+
+def activations_count_params(activations) -> None:
+    """experiments.measure.activations: the weights a layer keeps for backward count as activations."""
+
+    def places(module):
+        hit("activations._places")
+        return set()
+
+    activations._places = places
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -282,6 +315,9 @@ MUTANTS = {
     "eval_counts_padding": ("experiments.train.evaluate", eval_counts_padding),
     "moe_aux_over_batch": ("models.moe", moe_aux_over_batch),
     "moe_aux_dropped": ("experiments.train.setup", moe_aux_dropped),
+    "ac_noop": ("parallel.levers", ac_noop),
+    "ac_selective_keeps_nothing": ("parallel.levers", ac_selective_keeps_nothing),
+    "activations_count_params": ("experiments.measure.activations", activations_count_params),
 }
 
 
