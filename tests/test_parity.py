@@ -244,7 +244,7 @@ AC_FULL = [
     Case("zero1", 2, extra=("train.ac=full",)),
     Case("zero2", 2, extra=("train.ac=selective",)),
     Case("zero3", 2, G, ("train.precision=bf16", "train.ac=selective")),
-    Case("mp", 2, extra=("train.ac=full",)),
+    Case("mp", 2, extra=(MEASURE_4, "train.ac=full")),
     Case("tp", 2, G, ("train.ac=selective", "train.ac_every=2")),
     Case("fsdp_tp", 4, LLAMA, ("train.ac=full",)),
     Case("ddp_pp", 4, G, (MEASURE_4, "train.ac=selective")),
