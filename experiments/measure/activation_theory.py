@@ -17,8 +17,9 @@ scores. docs/memory.md derives each term below from it. What changes here:
 - full recomputation keeps a block's input only (the paper's 2·s·b·h); selective keeps what the
   policy in parallel/levers.py saves: the matmul and attention outputs (not the paper's selective
   recomputation, which recomputes attention's core and keeps the rest).
-Counts are elements per token (per sample for the MLP and CNN); int64 ones (token ids, routing
-indices) count 8 bytes. The numbers are exact for paralab's own models in fp32 (tests/test_memory.py).
+Counts are bytes per token (per sample for the MLP and CNN); int64 ones (token ids, routing
+indices) count 8 bytes; bf16 autocast is in `Bytes`. Every block's count is exact for paralab's
+own models in fp32, bf16 and fp64 (tests/test_memory.py).
 """
 
 from __future__ import annotations

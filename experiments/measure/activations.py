@@ -61,6 +61,10 @@ class SavedActivations:
         self._handles: list[RemovableHandle] = []
         self._stack: contextlib.ExitStack | None = None
 
+    def clear(self) -> None:
+        """Nothing measured (yet) on this sample."""
+        self.by_block = {}
+
     @property
     def total(self) -> int:
         return sum(self.by_block.values())

@@ -267,6 +267,8 @@ class Meter:
         reset_peak_memory(self.device, self.rates.devices_per_rank)
         if step != self.cold_step or not self.pipelined:
             self.saved.arm(True)
+        else:
+            self.saved.clear()
         if step == self.cold_step and self.samples_taken % COMM_EVERY_SAMPLES == 0:
             # After an evaluation a pipeline re-initialises its stages for backward (shape
             # messages, and one more forward, whose activations are not counted either): not
