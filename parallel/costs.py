@@ -122,7 +122,10 @@ MemoryModel = Callable[[str, Setting], dict[str, float]]
 
 def torch_memory(stage: str, x: Setting) -> dict[str, float]:
     """What torch's DDP, ZeroRedundancyOptimizer and FSDP2 hold."""
-    n, m, b = x.degrees.dp, x.sizes, x.sizes.param_bytes
+    m, b = x.sizes, x.sizes.param_bytes
+    # ZeRO-1 splits over every data-parallel rank; FSDP over its shard group (HSDP: within a
+    # replica group).
+    n = x.degrees.dp if stage in ("dp", "os") else x.degrees.dp_shard
     k = optimizer_state_bytes_per_param(x.cfg)
     psi = m.psi
     if stage == "dp":
@@ -193,6 +196,16 @@ def fsdp_comm(x: Setting) -> Payload:
     return {
         "all_gather": (b * a * (gathers * (total - root) + root), n, a * (gathers * (groups - 1) + 1)),
         "reduce_scatter": (b * total, n, groups),
+    }
+
+
+def hsdp_comm(x: Setting) -> Payload:
+    # FSDP within each replica group, then each rank's reduced gradient shard all-reduced with the
+    # same shard of the other groups: one all-reduce per FSDP group, once per step.
+    n, b = x.degrees.dp_shard, x.sizes.param_bytes
+    return {
+        **fsdp_comm(x),
+        "all_reduce": (b * x.sizes.padded_psi(n) / n, x.degrees.dp_replicate, x.sizes.blocks_here + 1),
     }
 
 

@@ -21,6 +21,7 @@ from parallel.costs import (
     deepspeed_memory,
     fsdp_comm,
     fsdp_tp_comm,
+    hsdp_comm,
     no_comm,
     pp_comm,
     torch_memory,
@@ -53,6 +54,7 @@ def lazy(path: str) -> Callable:
 
 
 apply_fsdp = lazy("parallel.strategies.fsdp:apply_fsdp")
+apply_hsdp = lazy("parallel.strategies.fsdp:apply_hsdp")
 apply_tp = lazy("parallel.strategies.tensor:apply_tp")
 apply_zero1 = lazy("parallel.strategies.zero:apply_zero1")
 apply_fsdp_tp = lazy("parallel.strategies.hybrid:apply_fsdp_tp")
@@ -101,6 +103,10 @@ class StrategySpec:
 
     def record_name(self, s: StrategyConfig) -> str:
         return self.label(s) if self.label is not None else s.name
+
+    def zero_ranks(self, d: Degrees) -> int:
+        """The ranks its ZeRO stage divides model state over: FSDP's shard group, else every data rank."""
+        return d.dp_shard if self.fill == "dp_shard" else d.dp
 
     def zero_stage(self, s: StrategyConfig) -> str | None:
         return self.stage(s) if callable(self.stage) else self.stage
@@ -196,6 +202,16 @@ STRATEGIES: dict[str, StrategySpec] = {
         comm=pp_comm,
         shards="layers; one batch at a time",
     ),
+    "hsdp": StrategySpec(
+        apply_hsdp,
+        "dp_shard",
+        frozenset({"dp_replicate"}),
+        stage=fsdp_stage,
+        comm=hsdp_comm,
+        syncs_batchnorm=True,
+        label=lambda s: f"hsdp_r{s.dp_replicate}",  # its replica groups: the shard degree is the rest
+        shards="the batch + optimizer state, grads, params within each of strategy.dp_replicate groups",
+    ),
     "fsdp_tp": StrategySpec(
         apply_fsdp_tp,
         "dp_shard",
@@ -242,13 +258,12 @@ def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
             )
         return Degrees()
     configured = {
-        "tp": strategy.tp if "tp" in spec.configured else 1,
-        "pp": strategy.pp if "pp" in spec.configured else 1,
+        dim: getattr(strategy, dim) if dim in spec.configured else 1 for dim in ("tp", "pp", "dp_replicate")
     }
     for dim, value in configured.items():
         if value < 1:
             raise ConfigError(f"strategy.{dim}={value} must be >= 1")
-    for dim in ("tp", "pp"):
+    for dim in ("tp", "pp", "dp_replicate"):
         if dim not in spec.configured and dim != spec.fill and getattr(strategy, dim) != 1:
             raise ConfigError(
                 f"strategy={strategy.name} does not use strategy.{dim}={getattr(strategy, dim)}; "
@@ -256,9 +271,10 @@ def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
             )
     rest = math.prod(configured.values())
     if world_size % rest:
+        named = f"dp_replicate={strategy.dp_replicate}" if "dp_replicate" in spec.configured else "tp×pp"
         raise ConfigError(
-            f"world size {world_size} is not divisible by tp×pp = {rest} for strategy={strategy.name}; "
-            f"use a world size that is a multiple of {rest}"
+            f"world size {world_size} is not divisible by {named} = {rest} for "
+            f"strategy={strategy.name}; use a world size that is a multiple of {rest}"
         )
     degrees = dict(configured)
     degrees[spec.fill] = world_size // rest

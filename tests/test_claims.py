@@ -147,7 +147,7 @@ def run_preset(preset: str, sweep_dir: Path, narrowed: dict[str, list[str]]) -> 
 
 # Where two values of every key make a grid of 4 jobs or more, one key keeps one value in make test
 # (the whole grid runs in make test-full).
-NARROWER = {"memory_levers": {"strategy": ["zero3"]}}
+NARROWER = {"memory_levers": {"strategy": ["zero3"]}, "hsdp": {"strategy.dp_replicate": ["2"]}}
 
 
 @pytest.mark.parametrize("preset", GRIDS)

@@ -156,6 +156,10 @@ TABLE = [
     Bad(("dataset.num_samples=1000000000000",), "dataset=synthetic holds ~"),
     Bad(("model.layers=100000000",), "model.layers=100000000 must be <= 10000"),
     Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
+    # HSDP
+    Bad(("strategy=hsdp", "strategy.dp_replicate=3"), "world size 2 is not divisible by dp_replicate=3"),
+    Bad(("strategy=fsdp", "strategy.dp_replicate=2"), "does not use strategy.dp_replicate"),
+    Bad(("strategy=hsdp", "strategy.dp_replicate=0"), "strategy.dp_replicate"),
     # memory levers (issue 23)
     Bad(
         ("model.layers=2", "train.ac=full", "train.ac_every=3"),

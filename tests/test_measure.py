@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from experiments.measure.record import Tag
 from experiments.report.parity import run_case
 from tests.helpers import SharedJobs, compare
 from tests.test_parity import NEEDS_DEEPSPEED
@@ -92,6 +93,25 @@ def test_model_state_memory_matches_theory(sweep, strategy, world):
             rel(r0["mem/model_state_bytes"] - kept, m["theory"]["theory/mem/paper_model_state_bytes"])
             <= MEMORY_REL
         )
+
+
+def test_hsdp_holds_zero3_over_its_shard_group(sweep):
+    """HSDP 2×2 holds what ZeRO-3 on 2 ranks holds: the same model state as zero3-ws2, per rank."""
+    hsdp = sweep("hsdp-ws4", "strategy=hsdp", "launcher.nproc_per_node=4", *MLP)
+    zero3 = sweep("zero3-ws2", "strategy=zero3", "launcher.nproc_per_node=2", *MLP)
+    assert hsdp["degrees"] == {"pp": 1, "dp_replicate": 2, "dp_shard": 2, "tp": 1}
+    for r in hsdp["ranks"]:
+        for cat in Tag.MEMORY_CATEGORIES:
+            measured, predicted = r[Tag.mem(cat)], r[Tag.theory_mem(cat)]
+            assert measured == zero3["ranks"][r["rank"] % 2][Tag.mem(cat)], (r["rank"], cat)
+            assert abs(measured - predicted) <= MEMORY_REL * max(predicted, 1), (
+                r["rank"],
+                cat,
+                measured,
+                predicted,
+            )
+    paper = hsdp["theory"][Tag.THEORY_PAPER_MODEL_STATE]
+    assert paper == zero3["theory"][Tag.THEORY_PAPER_MODEL_STATE]
 
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero3"])
@@ -186,6 +206,9 @@ def _check_comm(m: dict) -> None:
         ("zero1-ws2", ["strategy=zero1", "launcher.nproc_per_node=2", *MLP]),
         ("zero2-ws2", ["strategy=zero2", "launcher.nproc_per_node=2", *MLP]),
         ("zero3-ws4", ["strategy=zero3", "launcher.nproc_per_node=4", *MLP]),
+        # HSDP 2×2: gathers and scatters within each replica group of 2, the reduced shards
+        # all-reduced across the 2 groups.
+        ("hsdp-ws4", ["strategy=hsdp", "launcher.nproc_per_node=4", *MLP]),
         ("fsdp-ws2-accum", ["strategy=fsdp", "launcher.nproc_per_node=2", "train.grad_accum_steps=2", *MLP]),
         ("tp-ws2-mlp", ["strategy=tp", "launcher.nproc_per_node=2", *MLP]),
         ("zero3-ws2-clip", ["strategy=zero3", "launcher.nproc_per_node=2", "train.grad_clip=0.1", *MLP]),

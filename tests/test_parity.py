@@ -150,6 +150,7 @@ MATRIX = [
         for s in ("gpipe", "interleaved1f1b", "looped_bfs", "interleaved_zb", "zbv")
     ),
     Case("fsdp_tp", 4, G),
+    Case("hsdp", 4),  # 2 replica groups × 2 shards
     Case("ddp_pp", 4, G),
     # Gradient accumulation (no sync on inner micro-steps) and bf16 autocast.
     Case("ddp", 2, extra=("train.grad_accum_steps=2",)),
@@ -251,7 +252,10 @@ AC_FULL = [
     Case("fsdp", 2, MOE, ("model.top_k=1", "train.ac=selective")),
     Case("ddp", 4, CNN, ("train.ac=selective",)),
     Case("pp", 2, ZOO, (MEASURE_4, "train.ac=full")),
-    *(Case("pp", 2, LLAMA, (f"strategy.schedule={s}", MEASURE_4, "train.ac=full")) for s in ("gpipe", "1f1b", "zbv")),
+    *(
+        Case("pp", 2, LLAMA, (f"strategy.schedule={s}", MEASURE_4, "train.ac=full"))
+        for s in ("gpipe", "1f1b", "zbv")
+    ),
     Case("fsdp_tp_pp", 8, LLAMA, (MEASURE_4, "train.ac=selective")),
     Case("ps", 2, extra=("train.ac=full",)),
 ]

@@ -127,6 +127,8 @@ class StrategyConfig:
     # Degrees for tensor and pipeline parallelism; the data-parallel degree is what is left of the world.
     tp: int = 1
     pp: int = 1
+    # HSDP: replica groups; FSDP shards within each group over the ranks left (strategy=hsdp).
+    dp_replicate: int = 1
     # DDP knobs (ddp, zero1, ddp_pp).
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False

@@ -16,9 +16,12 @@ from parallel.costs import CommTheory, MemoryModel, Setting, optimizer_state_byt
 from parallel.strategies.pipeline import stages_per_rank
 
 
-def memory(stage: str | None, x: Setting, model: MemoryModel = torch_memory) -> dict[str, float]:
+def memory(
+    stage: str | None, x: Setting, model: MemoryModel = torch_memory, zero_ranks: int | None = None
+) -> dict[str, float]:
     """The implementation's model state (`model`) and the paper's, as theory tags; {} where not
-    predicted (no ZeRO stage, or tensor/pipeline parallelism: a share depends on the plan)."""
+    predicted (no ZeRO stage, or tensor/pipeline parallelism: a share depends on the plan).
+    `zero_ranks`: the N the paper divides by (HSDP: its shard group); every data rank if None."""
     d = x.degrees
     if stage is None or d.tp * d.pp > 1:
         return {}
@@ -26,7 +29,9 @@ def memory(stage: str | None, x: Setting, model: MemoryModel = torch_memory) -> 
     b, k = x.sizes.param_bytes, optimizer_state_bytes_per_param(x.cfg)
     out = {Tag.theory_mem(c): v for c, v in cats.items()}
     out[Tag.THEORY_MODEL_STATE] = sum(cats.values())
-    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(stage, x.sizes.psi, d.dp, Precision(b, b, k))
+    out[Tag.THEORY_PAPER_MODEL_STATE] = zero_model_state_bytes(
+        stage, x.sizes.psi, zero_ranks or d.dp, Precision(b, b, k)
+    )
     return out
 
 
@@ -86,7 +91,7 @@ def activations(x: Setting) -> dict[str, float]:
 def predict(spec, x: Setting) -> dict[str, float]:
     """Every prediction for one rank of a run, from its strategy's registry entry."""
     return {
-        **memory(spec.zero_stage(x.cfg.strategy), x, spec.memory),
+        **memory(spec.zero_stage(x.cfg.strategy), x, spec.memory, spec.zero_ranks(x.degrees)),
         **activations(x),
         **communication(spec.comm, x),
         **(bubble(x) if spec.pipelined else {}),

@@ -17,10 +17,11 @@ from experiments.config.schema import Config, ConfigError, StrategyConfig
 STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "tp": lambda spec: "tp" in spec.configured,
     "pp": lambda spec: "pp" in spec.configured,
+    "dp_replicate": lambda spec: "dp_replicate" in spec.configured,
     # DistributedDataParallel (ddp, zero1, ddp_pp).
     "bucket_cap_mb": lambda spec: spec.wraps_ddp,
     "gradient_as_bucket_view": lambda spec: spec.wraps_ddp,
-    # FSDP2 shards over dp_shard (fsdp, zero2, zero3, fsdp_tp, fsdp_tp_pp).
+    # FSDP2 shards over dp_shard (fsdp, zero2, zero3, hsdp, fsdp_tp, fsdp_tp_pp).
     "reshard_after_forward": lambda spec: spec.fill == "dp_shard",
     "mp_param_dtype": lambda spec: spec.fill == "dp_shard",
     "mp_reduce_dtype": lambda spec: spec.fill == "dp_shard",

@@ -94,7 +94,7 @@ def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
     sizes = model_sizes(model, degrees.dp if stage == "os" else 1)
     local_batch = cfg.train.global_batch_size // degrees.dp
     x = Setting(cfg, degrees, sizes, local_batch, dataset_spec(cfg.dataset).seq_len)
-    theory = memory(stage, x, spec.memory)
+    theory = memory(stage, x, spec.memory, spec.zero_ranks(degrees))
     if theory:
         return theory[Tag.THEORY_MODEL_STATE]
     # predict.memory makes no prediction under tensor or pipeline parallelism (a rank's share

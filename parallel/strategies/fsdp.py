@@ -18,9 +18,13 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> None:
-    """fully_shard each block, then the root: one all-gather per block, overlapped with compute."""
+    """fully_shard each block, then the root: one all-gather per block, overlapped with compute.
+
+    A 2D mesh (replicate, shard) makes it HSDP: FSDP2 shards over the inner dim and replicates
+    across the outer, all-reducing each reduced gradient shard across the replicas."""
     s = ctx.cfg.strategy
-    sync_batchnorm(model, dp_mesh.get_group(), ctx)
+    data_ranks = dp_mesh if dp_mesh.ndim == 1 else dp_mesh._flatten()
+    sync_batchnorm(model, data_ranks.get_group(), ctx)
     kwargs = {
         "mesh": dp_mesh,
         "mp_policy": MixedPrecisionPolicy(
@@ -37,6 +41,14 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
     # does by default: backward starts with the head, so resharding it would cost one more
     # all-gather per step for nothing (predict.fsdp_comm counts it so).
     fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    shard_model(model, mesh["dp_replicate", "dp_shard"], ctx)
+    return Parallelized(
+        model=model,
+        forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
+    )
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:

@@ -65,7 +65,9 @@ def stage_ids(pp_rank: int, pp: int, v: int, schedule: str) -> list[int]:
     return [pp_rank + i * pp for i in range(v)]
 
 
-def rank_blocks(num_blocks: int, pp: int, pp_rank: int, schedule: str, configured: int) -> tuple[list[int], bool, bool]:
+def rank_blocks(
+    num_blocks: int, pp: int, pp_rank: int, schedule: str, configured: int
+) -> tuple[list[int], bool, bool]:
     """Positions of the blocks a pipeline rank holds, and whether it holds the stem and the head."""
     v = stages_per_rank(schedule, configured)
     n_stages = pp * v

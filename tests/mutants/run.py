@@ -134,6 +134,11 @@ MUTANTS = [
         (f"{INDEPENDENT}::test_the_training_loss_of_a_mixture_adds_its_load_balancing_loss",),
     ),
     Mutant(
+        "hsdp_whole_world",
+        "HSDP shards over every data rank: plain FSDP, no replica groups",
+        (f"{COMM}[hsdp-ws4-*]", f"{PARITY}[hsdp-ws4-mlp]"),
+    ),
+    Mutant(
         "ac_noop",
         "activation checkpointing names its blocks but checkpoints none (still the same run)",
         (f"{AC}[ddp-ws2-llama-ac=full-ac_every=2]",),

@@ -298,6 +298,18 @@ def activations_count_params(activations) -> None:
     activations._places = places
 
 
+def hsdp_whole_world(fsdp) -> None:
+    """parallel.strategies.fsdp: HSDP shards over every data rank (plain FSDP), no replica groups."""
+    from parallel.base import Parallelized, module_forward_backward
+
+    def apply_hsdp(model, mesh, ctx):
+        hit("fsdp.apply_hsdp")
+        fsdp.shard_model(model, mesh["dp_replicate", "dp_shard"]._flatten(), ctx)
+        return Parallelized(model=model, forward_backward=module_forward_backward(model, ctx))
+
+    fsdp.apply_hsdp = apply_hsdp
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -315,6 +327,7 @@ MUTANTS = {
     "eval_counts_padding": ("experiments.train.evaluate", eval_counts_padding),
     "moe_aux_over_batch": ("models.moe", moe_aux_over_batch),
     "moe_aux_dropped": ("experiments.train.setup", moe_aux_dropped),
+    "hsdp_whole_world": ("parallel.strategies.fsdp", hsdp_whole_world),
     "ac_noop": ("parallel.levers", ac_noop),
     "ac_selective_keeps_nothing": ("parallel.levers", ac_selective_keeps_nothing),
     "activations_count_params": ("experiments.measure.activations", activations_count_params),
