@@ -53,6 +53,7 @@ MATRIX = [
     *(Case(s, 2) for s in ("zero3", "tp")),
     # The same machinery as zero3 (FSDP2) and pp (pipelining), for make test-full's budget.
     *(pytest.param(Case(s, 2), marks=pytest.mark.full) for s in ("zero2", "mp")),
+    pytest.param(Case("hsdp", 4), marks=pytest.mark.full),  # 2 replica groups × 2 shards
     Case("pp", 2, G),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),
