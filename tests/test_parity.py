@@ -228,6 +228,9 @@ FULL = [
         Case("deepspeed", 2, extra=("strategy.zero_stage=1", "train.grad_clip=0.3")), marks=NEEDS_DEEPSPEED
     ),
     Case("ps", 4, extra=("train.momentum=0.9", "train.grad_accum_steps=2")),
+    # HSDP's BatchNorm statistics over all 4 data ranks, across both replica groups.
+    Case("hsdp", 4, CNN, ("model.norm=sync_batch",)),
+    Case("hsdp", 4, LLAMA, ("train.grad_accum_steps=2",)),
     Case("ps", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
 ]
 

@@ -43,8 +43,8 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
-def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    shard_model(model, mesh["dp_replicate", "dp_shard"], ctx)
+def _sharded(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    shard_model(model, dp_mesh, ctx)
     return Parallelized(
         model=model,
         forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
@@ -52,8 +52,8 @@ def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Para
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    shard_model(model, mesh["dp_shard"], ctx)
-    return Parallelized(
-        model=model,
-        forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
-    )
+    return _sharded(model, mesh["dp_shard"], ctx)
+
+
+def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    return _sharded(model, mesh["dp_replicate", "dp_shard"], ctx)

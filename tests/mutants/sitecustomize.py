@@ -300,12 +300,10 @@ def activations_count_params(activations) -> None:
 
 def hsdp_whole_world(fsdp) -> None:
     """parallel.strategies.fsdp: HSDP shards over every data rank (plain FSDP), no replica groups."""
-    from parallel.base import Parallelized, module_forward_backward
 
     def apply_hsdp(model, mesh, ctx):
         hit("fsdp.apply_hsdp")
-        fsdp.shard_model(model, mesh["dp_replicate", "dp_shard"]._flatten(), ctx)
-        return Parallelized(model=model, forward_backward=module_forward_backward(model, ctx))
+        return fsdp._sharded(model, mesh["dp_replicate", "dp_shard"]._flatten(), ctx)
 
     fsdp.apply_hsdp = apply_hsdp
 
