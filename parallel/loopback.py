@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -64,14 +65,48 @@ def loopback_only() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+# Where rank 0 publishes the port its store listens on, a torch FileStore in the job dir: a port
+# picked free by the launcher and bound seconds later by rank 0 (after torch's import) can be taken
+# in between by any other process on the machine. The ranks learn the file from this variable.
+PORT_FILE_ENV = "PARALAB_STORE_PORT_FILE"
+PORT_FILE = ".store_port"
+
+
+@contextlib.contextmanager
+def fresh_port_file(job_dir: Path) -> Iterator[None]:
+    """For the launcher: no port of an earlier run of this job dir is left for its ranks to read."""
+    (job_dir / PORT_FILE).unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        (job_dir / PORT_FILE).unlink(missing_ok=True)
+
+
 def loopback_store(port: int, world_size: int, is_master: bool, timeout: timedelta) -> dist.TCPStore:
     """A TCPStore whose server accepts connections on 127.0.0.1 only (torch's own binds to all
-    interfaces): rank 0 hands it a socket already bound to loopback."""
-    if not is_master:
+    interfaces): rank 0 hands it a socket already bound to loopback.
+
+    Where the launcher names a port file (PORT_FILE_ENV), rank 0 binds any free port and
+    publishes it there (one key per restart of the group), `port` is not used, and MASTER_PORT
+    becomes the port."""
+    file = os.environ.get(PORT_FILE_ENV)
+    listener = None
+    if is_master:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((LOOPBACK, 0 if file else port))
+        port = listener.getsockname()[1]
+    if file:
+        published = dist.FileStore(file, -1)
+        published.set_timeout(timeout)
+        key = f"port_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        if is_master:
+            published.set(key, str(port))
+        else:
+            port = int(published.get(key))
+        os.environ["MASTER_PORT"] = str(port)  # what else meets in this store (RPC) reads it
+    if listener is None:
         return dist.TCPStore(LOOPBACK, port, world_size, False, timeout=timeout)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((LOOPBACK, port))
     listener.listen(256)
     # detach: the store owns the listening fd from now on; Python must never close it under it.
     return dist.TCPStore(

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from experiments.config.schema import ConfigError, LauncherConfig
-from parallel.loopback import free_port
+from parallel.loopback import free_port, fresh_port_file, loopback_only
 
 LAUNCHERS = ("local", "spawn", "torchrun")
 
@@ -102,11 +102,16 @@ def launch(cfg: LauncherConfig, job_dir: Path, frozen: str | None = None) -> Non
 
 
 def _spawn(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
+    with fresh_port_file(job_dir):
+        _spawn_ranks(cfg, job_dir, entry, started)
+
+
+def _spawn_ranks(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
         entry,
-        args=(str(job_dir), cfg.nproc_per_node, free_port(), os.getpid()),
+        args=(str(job_dir), cfg.nproc_per_node, 0, os.getpid()),  # port 0: rank 0 publishes its own
         nprocs=cfg.nproc_per_node,
         start_method=cfg.start_method,
         join=False,
@@ -170,7 +175,7 @@ def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float, frozen: 
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from experiments.run.rendezvous import say_while_waiting
-    from parallel.loopback import LOOPBACK, loopback_only
+    from parallel.loopback import LOOPBACK
 
     endpoint = cfg.rdzv_endpoint or f"{LOOPBACK}:{free_port()}"
     rdzv_configs: dict[str, object] = {"join_timeout": cfg.join_timeout_s}
@@ -197,7 +202,7 @@ def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float, frozen: 
         logs_specs=DefaultLogsSpecs(log_dir=str(job_dir / "torchrun"), redirects=Std.NONE, tee=Std.NONE),
         shutdown_timeout=cfg.grace_s,
     )
-    network = loopback_only() if store_dir else say_while_waiting(cfg, endpoint)
+    network = _one_node(job_dir) if store_dir else say_while_waiting(cfg, endpoint)
     try:
         with _torch_logs_to(job_dir, cfg.grace_s), _restored_signal_handlers(), network:
             elastic_launch(config, entry)(str(job_dir), os.getpid(), frozen)
@@ -214,6 +219,13 @@ def _elastic(cfg: LauncherConfig, job_dir: Path, entry, started: float, frozen: 
     finally:
         if store_dir is not None:
             shutil.rmtree(store_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _one_node(job_dir: Path) -> Iterator[None]:
+    """Loopback only, and the ranks' store port published in the job dir (parallel/loopback.py)."""
+    with loopback_only(), fresh_port_file(job_dir):
+        yield
 
 
 @contextlib.contextmanager

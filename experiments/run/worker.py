@@ -24,7 +24,7 @@ from experiments.measure.log import LOG_FILE, file_logger, setup_rank_logging
 from experiments.run.nodes import check_one_job
 from experiments.train import signals
 from parallel.distenv import init_distributed, rank_env, select_device, set_threads
-from parallel.loopback import LOOPBACK
+from parallel.loopback import LOOPBACK, PORT_FILE, PORT_FILE_ENV
 
 JOB_DIR_KEY = "paralab/job_dir"
 
@@ -39,6 +39,10 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
     path = Path(job_dir)
     if launcher_pid is not None or "TORCHELASTIC_RUN_ID" in os.environ:
         exit_with_launcher(launcher_pid, path)
+    if launcher_pid is not None:
+        # One node's store: rank 0 publishes its port here (parallel/loopback.py). Read per job: a
+        # fork server started by an earlier job of a sweep hands its own environment on.
+        os.environ[PORT_FILE_ENV] = str(path / PORT_FILE)
     if frozen is None and not (path / FROZEN_CONFIG).is_file():
         raise RankFailure(
             f"{path / FROZEN_CONFIG} does not exist on host {socket.gethostname()}: the job dir must "

@@ -105,7 +105,8 @@ class GradNorm:
             sq = torch.dot(norms, norms).float()
             if weight != 1.0:
                 sq = sq * weight
-            total = sq.to(self.device, non_blocking=True) if total is None else total + sq.to(self.device)
+            sq = sq.to(self.device, non_blocking=True)  # no copy unless offloaded to host memory
+            total = sq if total is None else total + sq
         # A fresh zero: clipping all-reduces the result in place, and the Meter buffers it.
         return torch.zeros((), dtype=torch.float32, device=self.device) if total is None else total
 
