@@ -241,10 +241,10 @@ FULL = [
 AC_MATRIX = [
     Case("ddp", 2, LLAMA, ("train.ac=full", "train.ac_every=2")),
     Case("fsdp", 2, LLAMA, ("train.ac=selective",)),
-    Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
     Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", MEASURE_4, "train.ac=full")),
 ]
 AC_FULL = [
+    Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
     Case("zero1", 2, extra=("train.ac=full",)),
     Case("zero2", 2, extra=("train.ac=selective",)),
     Case("zero3", 2, G, ("train.precision=bf16", "train.ac=selective")),
