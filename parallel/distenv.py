@@ -54,9 +54,13 @@ def check_gpus(device: str, nproc_per_node: int, gpus: int) -> str:
     return ""
 
 
+def uses_cuda(device: str) -> bool:
+    """Whether train.device (cuda | auto | cpu) puts the ranks on GPUs here."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def select_device(cfg: Config, env: RankEnv) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+    if uses_cuda(cfg.train.device):
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     return torch.device("cpu")

@@ -119,13 +119,11 @@ def apply_ac(model: nn.Module, ac: AC, every: int) -> list[str]:
     return chosen
 
 
-def apply_compile(model: nn.Module) -> int:
-    """torch.compile each block's forward (the whole model's, if it has no blocks); returns how many."""
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block's forward (the whole model's, if it has no blocks)."""
     blocks = blocks_of(model)
-    modules = list(blocks.values()) if blocks is not None else [model]
-    for m in modules:
+    for m in list(blocks.values()) if blocks is not None else [model]:
         m.forward = torch.compile(m.forward)
-    return len(modules)
 
 
 # Pipeline schedules that run backward twice per micro-batch (input gradients, then weights):

@@ -20,8 +20,7 @@ from experiments.train.checkpoint import load_full_model_state
 from models import build_model
 from parallel.layout import DS_PARTITION
 from parallel.strategies.deepspeed import INSTALL, installed
-from tests.helpers import SharedJobs
-from tests.test_memory import ACTIVATION_TOLERANCE
+from tests.helpers import ACTIVATION_TOLERANCE, SharedJobs
 
 # Optional extras: their cases are skipped, saying why, where the extra is not installed.
 NEEDS_DEEPSPEED = pytest.mark.skipif(not installed(), reason=f"strategy=deepspeed needs: {INSTALL}")

@@ -111,7 +111,7 @@ def _spawn_ranks(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> N
 
     ctx = mp.start_processes(
         entry,
-        args=(str(job_dir), cfg.nproc_per_node, 0, os.getpid()),  # port 0: rank 0 publishes its own
+        args=(str(job_dir), cfg.nproc_per_node, os.getpid()),
         nprocs=cfg.nproc_per_node,
         start_method=cfg.start_method,
         join=False,

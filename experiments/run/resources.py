@@ -28,6 +28,7 @@ from torch import nn
 from experiments.config.schema import Config, ConfigError
 from experiments.measure.theory import Precision, zero_model_state_bytes
 from models import HEADED
+from parallel.distenv import uses_cuda
 from parallel.mesh import Degrees
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def check_resources(cfg: Config, degrees: Degrees, job_dir: Path) -> None:
             f"and `ulimit -n` is {soft}: at most {fits} ranks fit (or raise the limit)"
         )
     # Ranks against GPUs: validate's distenv.check_gpus, which runs first.
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    cuda = uses_cuda(cfg.train.device)
     _check_dataset_memory(cfg, local)
     _check_memory(cfg, degrees, local, cuda)
     _check_disk(cfg, job_dir)

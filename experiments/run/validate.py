@@ -16,7 +16,7 @@ from experiments.config.schema import Config, ConfigError, Objective
 from experiments.run.keys import check_used
 from experiments.run.launch import check_launcher
 from models import check_model_fits_data
-from parallel.distenv import check_gpus
+from parallel.distenv import check_gpus, uses_cuda
 from parallel.mesh import Degrees
 from parallel.registry import STRATEGIES, get_spec, resolve_degrees
 
@@ -146,8 +146,7 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
 
 def _check_offload(cfg: Config) -> None:
     """FSDP2's CPUOffloadPolicy and DeepSpeed's offload move model state from GPU to host memory."""
-    cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if cfg.strategy.offload and not cuda:
+    if cfg.strategy.offload and not uses_cuda(cfg.train.device):
         raise ConfigError(
             "strategy.offload=true moves parameters, gradients and optimizer state from GPU to host "
             "memory; on CPU they are there already (FSDP2's CPUOffloadPolicy needs CUDA): drop it"

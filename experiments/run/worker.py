@@ -112,13 +112,11 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
     return result
 
 
-def spawn_entry(
-    local_rank: int, job_dir: str, nprocs: int, port: int, launcher_pid: int | None = None
-) -> None:
+def spawn_entry(local_rank: int, job_dir: str, nprocs: int, launcher_pid: int | None = None) -> None:
     """torch.multiprocessing.spawn target: the env a launcher would set, in this child only."""
     os.environ.update(
         MASTER_ADDR=LOOPBACK,  # the ranks' store then binds loopback only (distenv._attempt_store)
-        MASTER_PORT=str(port),
+        MASTER_PORT="0",  # rank 0 binds a free port and publishes it (parallel/loopback.py)
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
         WORLD_SIZE=str(nprocs),
