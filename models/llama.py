@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.config.schema import ConfigError
+from models.attention import CausalAttention, ReadsPositions
 from models.moe import MoE
 from models.staged import StagedModel
 from models.swiglu import FeedForward, ffn_hidden
@@ -35,11 +35,12 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
-class Attention(nn.Module):
+class Attention(ReadsPositions, nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, max_len: int, theta: float) -> None:
         super().__init__()
         self.head_dim = dim // heads
-        self.repeats = heads // kv_heads  # query heads per kv head, on every TP rank alike
+        # Query heads per kv head, on every TP rank alike.
+        self.core = CausalAttention(repeats=heads // kv_heads)
         self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
@@ -53,12 +54,13 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds heads/tp and kv_heads/tp of them.
         q, k, v = (w(x).view(b, s, -1, self.head_dim) for w in (self.wq, self.wk, self.wv))
-        q, k = rotate(q, self.cos[:s], self.sin[:s]), rotate(k, self.cos[:s], self.sin[:s])
+        if self.positions is None:  # the tables' first rows, as views: nothing copied
+            cos, sin = self.cos[:s], self.sin[:s]
+        else:
+            cos, sin = self.cos[self.positions], self.sin[self.positions]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        # Query head i reads kv head i // repeats.
-        k, v = k.repeat_interleave(self.repeats, dim=1), v.repeat_interleave(self.repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return self.wo(self.core(q, k, v).transpose(1, 2).reshape(b, s, -1))
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,11 @@ Its tensor-parallel plan (models/tp.py) and pipeline split points (the blocks) a
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from experiments.config.schema import ConfigError
+from models.attention import CausalAttention, ReadsPositions
 from models.staged import StagedModel
 from models.tp import decoder_block_plan, sequence_parallel_edges
 
@@ -22,13 +22,13 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, dim)
         self.wv = nn.Linear(dim, dim)
         self.wo = nn.Linear(dim, dim)
+        self.core = CausalAttention()
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds heads/tp of them.
         q, k, v = (w(x).view(b, s, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return self.wo(self.core(q, k, v).transpose(1, 2).reshape(b, s, -1))
 
 
 class FeedForward(nn.Module):
@@ -54,14 +54,14 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-class Embedding(nn.Module):
+class Embedding(ReadsPositions, nn.Module):
     def __init__(self, vocab: int, dim: int, max_len: int) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(max_len, dim)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        return self.tok(ids) + self.pos(self.token_positions(ids.shape[1], ids.device))
 
 
 class Transformer(StagedModel):

@@ -105,6 +105,9 @@ class Parallelized:
     # which runs its own collectives. Calling a DDP wrapper here would change when it next
     # broadcasts buffers.
     eval_forward: EvalForward | None = None
+    # The part of a batch's targets this rank's output covers: its share of each sequence under
+    # context parallelism; None: all of them.
+    local_targets: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.eval_forward is None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from data.spec import DataSpec
 from experiments.config.schema import Config
-from models import HIDDEN_WIDTH
+from models import HEADED, HIDDEN_WIDTH
 from parallel.mesh import Degrees
 from parallel.strategies.pipeline import stage_ids, stages_per_rank
 
@@ -104,9 +104,10 @@ class Setting:
     data: DataSpec | None = None  # for the activation count
 
 
-# collective -> (payload bytes S per step, group size, calls per step or None where not predicted);
-# the whole result is None where the strategy has no prediction.
-Payload = dict[str, tuple[float, int, int | None]]
+# (mesh axis, collective) -> (payload bytes S per step, group size, calls per step or None where
+# not predicted); the whole result is None where the strategy has no prediction. The axis is the
+# one the communication counter names for the group the collective runs on (Degrees.axis).
+Payload = dict[tuple[str, str], tuple[float, int, int | None]]
 CommTheory = Callable[[Setting], Payload | None]
 
 
@@ -124,8 +125,8 @@ def torch_memory(stage: str, x: Setting) -> dict[str, float]:
     """What torch's DDP, ZeroRedundancyOptimizer and FSDP2 hold."""
     m, b = x.sizes, x.sizes.param_bytes
     # ZeRO-1 splits over every data-parallel rank; FSDP over its shard group (HSDP: within a
-    # replica group).
-    n = x.degrees.dp if stage in ("dp", "os") else x.degrees.dp_shard
+    # replica group) and the context-parallel ranks.
+    n = x.degrees.dp if stage in ("dp", "os") else x.degrees.fsdp
     k = optimizer_state_bytes_per_param(x.cfg)
     psi = m.psi
     if stage == "dp":
@@ -175,37 +176,53 @@ def ddp_comm(x: Setting) -> Payload:
     # local. Calls are the buckets; predicted where the gradient fits in one.
     size = x.sizes.param_bytes * x.sizes.local_psi
     one_bucket = size <= x.cfg.strategy.bucket_cap_mb * 2**20
-    return {"all_reduce": (size, x.degrees.dp, 1 if one_bucket else None)}
+    d = x.degrees
+    return {(d.axis("dp_replicate"), "all_reduce"): (size, d.dp, 1 if one_bucket else None)}
 
 
 def zero1_comm(x: Setting) -> Payload:
     # DDP's all-reduce, then each updated parameter broadcast from the rank that owns its state.
     params = len(x.sizes.local_shapes) or None
-    return {**ddp_comm(x), "broadcast": (x.sizes.param_bytes * x.sizes.psi, x.degrees.dp, params)}
+    d = x.degrees
+    broadcast = (x.sizes.param_bytes * x.sizes.psi, d.dp, params)
+    return {**ddp_comm(x), (d.axis("dp_replicate"), "broadcast"): broadcast}
+
+
+def fsdp_axis(d: Degrees) -> str:
+    return d.axis("dp_shard", "cp") if d.cp > 1 else d.axis("dp_shard")
 
 
 def fsdp_comm(x: Setting) -> Payload:
     # Forward gathers every parameter on each micro-step; ZeRO-3 gathers the blocks again for
     # backward (ZeRO §7), but not the root's own parameters, which stay gathered into the backward
     # that starts with them. Gradients are reduce-scattered once per step. One collective per FSDP
-    # group (each block, and the root); FSDP2 pads each local dim 0 to the group size.
-    n, b, a = x.degrees.dp_shard, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
+    # group (each block, and the root); FSDP2 pads each local dim 0 to the group size. The
+    # context-parallel ranks shard the parameters with the shard group (they hold the same ones).
+    d = x.degrees
+    n, b, a = d.fsdp, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
     total, root = x.sizes.padded_psi(n), x.sizes.padded_root(n)
     gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
     groups = x.sizes.blocks_here + 1
+    axis = fsdp_axis(d)
     return {
-        "all_gather": (b * a * (gathers * (total - root) + root), n, a * (gathers * (groups - 1) + 1)),
-        "reduce_scatter": (b * total, n, groups),
+        (axis, "all_gather"): (
+            b * a * (gathers * (total - root) + root),
+            n,
+            a * (gathers * (groups - 1) + 1),
+        ),
+        (axis, "reduce_scatter"): (b * total, n, groups),
     }
 
 
 def hsdp_comm(x: Setting) -> Payload:
     # FSDP within each replica group, then each rank's reduced gradient shard all-reduced with the
     # same shard of the other groups: one all-reduce per FSDP group, once per step.
-    n, b = x.degrees.dp_shard, x.sizes.param_bytes
+    d = x.degrees
+    n, b = d.fsdp, x.sizes.param_bytes
+    shards = b * x.sizes.padded_psi(n) / n
     return {
         **fsdp_comm(x),
-        "all_reduce": (b * x.sizes.padded_psi(n) / n, x.degrees.dp_replicate, x.sizes.blocks_here + 1),
+        (d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, x.sizes.blocks_here + 1),
     }
 
 
@@ -221,13 +238,44 @@ def tp_comm(x: Setting) -> Payload | None:
     transformer = x.seq_len > 0
     pairs = 2 if transformer else 1
     layers = x.sizes.blocks_here
-    tokens = x.local_batch * (x.seq_len if transformer else 1) // a
-    return {"all_reduce": (4 * a * 2 * pairs * layers * tokens * h, x.degrees.tp, a * 2 * pairs * layers)}
+    # Under context parallelism each rank holds 1/cp of every sequence.
+    tokens = x.local_batch * (x.seq_len // x.degrees.cp if transformer else 1) // a
+    size = 4 * a * 2 * pairs * layers * tokens * h
+    return {(x.degrees.axis("tp"), "all_reduce"): (size, x.degrees.tp, a * 2 * pairs * layers)}
 
 
 def fsdp_tp_comm(x: Setting) -> Payload | None:
-    tp = tp_comm(x)
-    return None if tp is None else {**fsdp_comm(x), **tp}
+    tp, cp = tp_comm(x), cp_comm(x)
+    return None if tp is None or cp is None else {**fsdp_comm(x), **tp, **cp}
+
+
+def fsdp_cp_comm(x: Setting) -> Payload | None:
+    cp = cp_comm(x)
+    return None if cp is None else {**fsdp_comm(x), **cp}
+
+
+def hsdp_cp_comm(x: Setting) -> Payload | None:
+    cp = cp_comm(x)
+    return None if cp is None else {**hsdp_comm(x), **cp}
+
+
+def cp_comm(x: Setting) -> Payload | None:
+    """Ring attention (parallel/strategies/context.py), per attention layer and micro-step: forward
+    passes its K/V block on cp − 1 times; backward passes it on cp − 1 times more, and the K/V
+    gradients cp times, home at the end. One send (and one recv) per hop, K and V packed."""
+    d, cfg = x.degrees, x.cfg
+    if d.cp == 1:
+        return {}
+    if cfg.train.precision != "fp32" or cfg.train.ac != "none" or cfg.model.target not in HEADED:
+        return None  # bf16 grads are kept in fp32; recompute runs the forward ring again
+    heads = cfg.model.get("heads")
+    kv = cfg.model.get("kv_heads") or heads if cfg.model.target == "models.llama.Llama" else heads
+    head_dim = cfg.model.get("hidden") // heads
+    a = cfg.train.grad_accum_steps
+    block = 4 * 2 * (x.local_batch // a) * kv // d.tp * (x.seq_len // d.cp) * head_dim
+    hops = a * x.sizes.blocks_here * (2 * (d.cp - 1) + d.cp)
+    each = (hops * block, 2, hops)
+    return {(d.axis("cp"), "send"): each, (d.axis("cp"), "recv"): each}
 
 
 def _boundary_features(cfg: Config, seq_len: int) -> int | None:
@@ -256,7 +304,8 @@ def pp_comm(x: Setting) -> Payload | None:
     if not boundaries:
         return {}
     each = (boundaries * n_micro * per_micro, 2, boundaries * n_micro)
-    return {"send": each, "recv": each}
+    axis = x.degrees.axis("pp")
+    return {(axis, "send"): each, (axis, "recv"): each}
 
 
 def deepspeed_comm(x: Setting) -> Payload | None:
@@ -270,15 +319,16 @@ def deepspeed_comm(x: Setting) -> Payload | None:
     n, b, psi = x.degrees.dp, x.sizes.param_bytes, x.sizes.psi
     if n == 1 or x.cfg.train.grad_accum_steps != 1 or x.cfg.train.precision != "fp32":
         return None
+    axis = x.degrees.axis("dp_replicate")
     if x.cfg.strategy.zero_stage == 3:
         padded = math.ceil(psi / n) * n
         return {
-            "all_gather": (b * padded, n, None),
-            "reduce_scatter": (b * padded, n, None),
-            "all_reduce": (8, n, 1),
+            (axis, "all_gather"): (b * padded, n, None),
+            (axis, "reduce_scatter"): (b * padded, n, None),
+            (axis, "all_reduce"): (8, n, 1),
         }
     padded = math.ceil(psi / (2 * n)) * 2 * n
-    return {"all_reduce": (b * psi + 4, n, None), "all_gather": (b * padded, n, 1)}
+    return {(axis, "all_reduce"): (b * psi + 4, n, None), (axis, "all_gather"): (b * padded, n, 1)}
 
 
 def ddp_pp_comm(x: Setting) -> Payload | None:

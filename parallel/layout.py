@@ -82,6 +82,7 @@ def layout(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     owned = sum(local_tensor(p).numel() for g in local_optimizer(opt).param_groups for p in g["params"])
     blocks = getattr(model, "blocks", None)
     return {
+        **_sequence_and_experts(model),
         "param_elements_local": local,
         "param_elements_full": full,
         "sharded_elements": dict(sharded),
@@ -100,3 +101,34 @@ def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     states = local_optimizer(opt).state.values()
     return storage_bytes(v for s in states for v in s.values() if isinstance(v, Tensor))
+
+
+def _sequence_and_experts(model: nn.Module) -> dict[str, Any]:
+    """Which positions of each sequence this rank computes (context parallelism), and which
+    experts of each mixture it holds (expert parallelism: from the experts' DTensor placement
+    over the ep mesh dim)."""
+    from models.attention import ReadsPositions
+    from models.moe import GroupedExperts
+
+    positions = next(
+        (m.positions for m in model.modules() if isinstance(m, ReadsPositions) and m.positions is not None),
+        None,
+    )
+    experts: list[int] | None = None
+    for m in model.modules():
+        if not isinstance(m, GroupedExperts):
+            continue
+        w = m.w1
+        names = (w.device_mesh.mesh_dim_names or ()) if isinstance(w, DTensor) else ()
+        if "ep" not in names:
+            experts = list(range(m.count))
+            break
+        ep_dim = names.index("ep")
+        per = m.count // w.device_mesh.size(ep_dim)
+        c = w.device_mesh.get_local_rank(ep_dim)
+        experts = list(range(c * per, (c + 1) * per))
+        break
+    return {
+        "sequence_positions": positions.tolist() if positions is not None else None,
+        "experts": experts,
+    }

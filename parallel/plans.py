@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from experiments.config.schema import Config, ConfigError
+from models.attention import has_attention
+from models.moe import GroupedExperts
 from models.staged import StagedModel, aux_loss_of, blocks_of, tp_plan_of
 from parallel.mesh import Degrees
 from parallel.registry import StrategySpec
@@ -52,6 +54,41 @@ def check_plans(cfg: Config, degrees: Degrees, spec: StrategySpec, model: nn.Mod
             )
     if spec.pipelined:
         _check_pipeline(cfg, degrees, spec, model)
+    _check_axes(cfg, degrees, model)
+
+
+def _check_axes(cfg: Config, degrees: Degrees, model: nn.Module) -> None:
+    """Context parallelism needs attention to ring and sequences to cut head-tail; expert
+    parallelism needs experts to split evenly."""
+    name = cfg.model.label
+    if degrees.cp > 1:
+        if not has_attention(model):
+            raise ConfigError(
+                f"strategy.cp={degrees.cp} splits sequences for attention, but model={name} has none "
+                "(no models.attention.CausalAttention); use a decoder: model=transformer|llama|moe"
+            )
+        if cfg.dataset.seq_len % (2 * degrees.cp):
+            raise ConfigError(
+                f"strategy.cp={degrees.cp} cuts each sequence into 2·cp = {2 * degrees.cp} chunks (a head "
+                f"and a tail per rank), which dataset.seq_len={cfg.dataset.seq_len} does not divide"
+            )
+        if cfg.train.compile:
+            raise ConfigError(
+                "train.compile with strategy.cp > 1 is not supported: the ring's point-to-point sends "
+                "break the compiled graph every step; drop one of them"
+            )
+    if degrees.ep > 1:
+        experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+        if not experts:
+            raise ConfigError(
+                f"strategy.ep={degrees.ep} splits a mixture's experts, but model={name} has none; "
+                "use model=moe (or drop strategy.ep)"
+            )
+        if experts[0].count % degrees.ep:
+            raise ConfigError(
+                f"strategy.ep={degrees.ep} does not divide model.experts={experts[0].count}: each ep rank "
+                "holds the same number of experts"
+            )
 
 
 def _check_pipeline(cfg: Config, degrees: Degrees, spec: StrategySpec, model: nn.Module) -> None:

@@ -19,9 +19,9 @@ from parallel.costs import (
     ddp_pp_comm,
     deepspeed_comm,
     deepspeed_memory,
-    fsdp_comm,
+    fsdp_cp_comm,
     fsdp_tp_comm,
-    hsdp_comm,
+    hsdp_cp_comm,
     no_comm,
     pp_comm,
     torch_memory,
@@ -70,7 +70,8 @@ class StrategySpec:
     apply: Callable  # apply_x(model, mesh, ctx) -> Parallelized
     # Mesh dim that takes the world size left after the configured degrees; None = one process only.
     fill: str | None
-    configured: frozenset[str] = frozenset()  # degrees read from strategy.tp / strategy.pp
+    # Degrees read from strategy.tp / pp / dp_replicate / cp / ep; the fill dim takes the rest.
+    configured: frozenset[str] = frozenset()
     needs_tp_plan: bool = False
     pipelined: bool = False
     # One whole batch per step through the stages (the naive layer split): no microbatches.
@@ -105,8 +106,9 @@ class StrategySpec:
         return self.label(s) if self.label is not None else s.name
 
     def zero_ranks(self, d: Degrees) -> int:
-        """The ranks its ZeRO stage divides model state over: FSDP's shard group, else every data rank."""
-        return d.dp_shard if self.fill == "dp_shard" else d.dp
+        """The ranks its ZeRO stage divides model state over: FSDP's shard group (with the
+        context-parallel ranks), else every data rank."""
+        return d.fsdp if self.fill == "dp_shard" else d.dp
 
     def zero_stage(self, s: StrategyConfig) -> str | None:
         return self.stage(s) if callable(self.stage) else self.stage
@@ -122,7 +124,10 @@ def deepspeed_stage(s: StrategyConfig) -> str | None:
 
 TP = frozenset({"tp"})
 PP = frozenset({"pp"})
-_FSDP = dict(fill="dp_shard", stage=fsdp_stage, comm=fsdp_comm, syncs_batchnorm=True)
+# Context and expert parallelism compose with FSDP2's sharding (the FSDP family): the cp ranks
+# shard parameters with dp_shard, and the ep ranks are dp_shard's (parallel/mesh.py).
+CP_EP = frozenset({"cp", "ep"})
+_FSDP = dict(fill="dp_shard", configured=CP_EP, stage=fsdp_stage, comm=fsdp_cp_comm, syncs_batchnorm=True)
 STRATEGIES: dict[str, StrategySpec] = {
     REFERENCE: StrategySpec(
         apply_single,
@@ -205,9 +210,9 @@ STRATEGIES: dict[str, StrategySpec] = {
     "hsdp": StrategySpec(
         apply_hsdp,
         "dp_shard",
-        frozenset({"dp_replicate"}),
+        frozenset({"dp_replicate"}) | CP_EP,
         stage=fsdp_stage,
-        comm=hsdp_comm,
+        comm=hsdp_cp_comm,
         syncs_batchnorm=True,
         label=lambda s: f"hsdp_r{s.dp_replicate}",  # its replica groups: the shard degree is the rest
         shards="the batch + optimizer state, grads, params within each of strategy.dp_replicate groups",
@@ -215,7 +220,7 @@ STRATEGIES: dict[str, StrategySpec] = {
     "fsdp_tp": StrategySpec(
         apply_fsdp_tp,
         "dp_shard",
-        TP,
+        TP | {"cp"},
         needs_tp_plan=True,
         comm=fsdp_tp_comm,
         shards="batch × FSDP, weights × TP",
@@ -247,8 +252,13 @@ def get_spec(name: str) -> StrategySpec:
         raise ConfigError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGIES)}") from None
 
 
+# The degrees a strategy may read from its config, outermost first (as parallel/mesh.py's DIMS).
+CONFIGURABLE = ("pp", "dp_replicate", "cp", "tp", "ep")
+
+
 def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
-    """Degrees for `strategy` on `world_size` ranks: configured tp/pp, the `fill` dim takes the rest."""
+    """Degrees for `strategy` on `world_size` ranks: the configured ones, and the `fill` dim takes
+    the rest. ep is not a factor of the world: it splits dp_shard."""
     spec = get_spec(strategy.name)
     if spec.fill is None:
         if world_size != 1:
@@ -257,25 +267,31 @@ def resolve_degrees(strategy: StrategyConfig, world_size: int) -> Degrees:
                 "set launcher.nproc_per_node=1 launcher.nnodes=1 (or launcher=local)"
             )
         return Degrees()
-    configured = {
-        dim: getattr(strategy, dim) if dim in spec.configured else 1 for dim in ("tp", "pp", "dp_replicate")
-    }
+    configured = {dim: getattr(strategy, dim) if dim in spec.configured else 1 for dim in CONFIGURABLE}
     for dim, value in configured.items():
         if value < 1:
             raise ConfigError(f"strategy.{dim}={value} must be >= 1")
-    for dim in ("tp", "pp", "dp_replicate"):
+    for dim in CONFIGURABLE:
         if dim not in spec.configured and dim != spec.fill and getattr(strategy, dim) != 1:
+            users = [n for n, sp in STRATEGIES.items() if dim in sp.configured]
             raise ConfigError(
                 f"strategy={strategy.name} does not use strategy.{dim}={getattr(strategy, dim)}; "
-                f"drop it, or pick a strategy with {dim} (e.g. strategy=fsdp_tp or strategy=ddp_pp)"
+                f"drop it, or pick a strategy with {dim} ({', '.join(users)})"
             )
-    rest = math.prod(configured.values())
+    factors = {d: v for d, v in configured.items() if d != "ep"}
+    rest = math.prod(factors.values())
     if world_size % rest:
-        named = f"dp_replicate={strategy.dp_replicate}" if "dp_replicate" in spec.configured else "tp×pp"
+        named = " × ".join(f"{d}={v}" for d, v in factors.items() if v > 1)
         raise ConfigError(
-            f"world size {world_size} is not divisible by {named} = {rest} for "
-            f"strategy={strategy.name}; use a world size that is a multiple of {rest}"
+            f"{named} = {rest} ranks, but the launcher gives {world_size}: strategy={strategy.name} "
+            f"needs a world size that is a multiple of {rest} ({spec.fill} takes the rest)"
         )
-    degrees = dict(configured)
+    degrees = dict(factors)
     degrees[spec.fill] = world_size // rest
-    return Degrees(**degrees)
+    ep = configured["ep"]
+    if degrees.get("dp_shard", 1) % ep:
+        raise ConfigError(
+            f"strategy.ep={ep} must divide dp_shard = {degrees.get('dp_shard', 1)} (the experts are "
+            f"split over data-parallel ranks); use a world size that leaves dp_shard a multiple of {ep}"
+        )
+    return Degrees(**degrees, ep=ep)

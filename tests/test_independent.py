@@ -263,7 +263,13 @@ def moe_by_hand(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token: softmax over the router's logits, the top-k experts, their probabilities
     renormalised; and per sample Switch's experts × Σ_e f_e·P_e, averaged over the samples."""
     b, s, d = x.shape
-    n, k = len(moe.experts), moe.top_k
+    n, k = moe.experts.count, moe.top_k
+    w1, w2, w3 = moe.experts.w1, moe.experts.w2, moe.experts.w3
+
+    def expert(e: int, v: torch.Tensor) -> torch.Tensor:  # SwiGLU, written out
+        h = w1[e] @ v
+        return w2[e] @ (h * torch.sigmoid(h) * (w3[e] @ v))
+
     out = torch.zeros_like(x)
     aux = []
     for i in range(b):
@@ -273,7 +279,7 @@ def moe_by_hand(moe, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             top = sorted(range(n), key=lambda e: -probs[e].item())[:k]
             norm = sum(probs[e] for e in top)
             for e in top:
-                out[i, t] += probs[e] / norm * moe.experts[e](x[i, t])
+                out[i, t] += probs[e] / norm * expert(e, x[i, t])
                 counts[e] += 1
             for e in range(n):
                 prob_sum[e] += probs[e].item()

@@ -150,6 +150,11 @@ MATRIX = [
     ),
     Case("fsdp_tp", 4, G),
     Case("hsdp", 4),  # 2 replica groups × 2 shards
+    # Today's axes at 4 ranks: each sequence split over 2 cp ranks (attention as a ring), beside
+    # FSDP over 2 and under TP over 2; a mixture's experts split over 2 of FSDP's 4 ranks.
+    Case("fsdp", 4, G, ("strategy.cp=2",)),
+    Case("fsdp_tp", 4, LLAMA, ("strategy.cp=2",)),
+    Case("fsdp", 4, MOE, ("strategy.ep=2",)),
     Case("ddp_pp", 4, G),
     # Gradient accumulation (no sync on inner micro-steps) and bf16 autocast.
     Case("ddp", 2, extra=("train.grad_accum_steps=2",)),
@@ -231,6 +236,13 @@ FULL = [
     Case("hsdp", 4, CNN, ("model.norm=sync_batch",)),
     Case("hsdp", 4, LLAMA, ("train.grad_accum_steps=2",)),
     Case("ps", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
+    # 4D at 8 ranks: 2 replica groups × 2 shards (holding 2 experts each, ep=2) × 2 cp ranks.
+    Case("hsdp", 8, MOE, ("strategy.cp=2", "strategy.ep=2")),
+    Case("fsdp", 4, LLAMA, ("strategy.cp=4",)),  # 8 chunks of 2 tokens: a ring of 4
+    Case("fsdp", 4, MOE, ("strategy.ep=4",)),  # one expert per rank: FSDP has none left to shard
+    Case("hsdp", 4, MOE, ("strategy.ep=2",)),
+    Case("fsdp", 4, MOE, ("strategy.cp=2", "strategy.ep=2")),
+    Case("fsdp", 2, LLAMA, ("strategy.cp=2", "train.grad_accum_steps=2")),
 ]
 
 
@@ -344,18 +356,23 @@ def check_layout(case: Case, got: dict) -> None:
                 assert tp_here > 0, (case, rank, lay)
         else:
             assert tp_here == 0
-        if d["dp_shard"] > 1:
-            assert lay["sharded_elements"].get("dp_shard") == full, (case, rank, "FSDP must shard all", lay)
+        # FSDP shards over dp_shard and the cp ranks, which hold the same parameters.
+        fsdp, fsdp_dim = d["dp_shard"] * d["cp"], "dp_shard_cp" if d["cp"] > 1 else "dp_shard"
+        expert_elements = check_experts(case, d, lay, model)
+        if fsdp > 1:
+            held = lay["sharded_elements"].get(fsdp_dim)
+            assert held == full - expert_elements, (case, rank, "FSDP must shard all", lay)
         tp_local = full - tp_here + tp_here // d["tp"]
         if lay["sharded_elements"].get(DS_PARTITION):
             assert local < full, (case, rank, "DeepSpeed ZeRO-3 must partition", lay)
-        elif d["dp_shard"] == 1:
+        elif fsdp == 1:
             assert local == tp_local, (case, rank, local, tp_local)
         else:
             assert local < tp_local, (case, rank, local, tp_local)
-    if d["dp_shard"] > 1:
-        # The dp_shard ranks of one tp/pp coordinate partition their TP-local parameters.
-        n = d["dp_shard"] * d["tp"]
+    check_sequence_split(case, d, layouts)
+    if d["dp_shard"] * d["cp"] > 1:
+        # The FSDP ranks (dp_shard × cp) of one tp/pp coordinate partition their TP-local parameters.
+        n = d["dp_shard"] * d["cp"] * d["tp"]
         for first in range(0, len(layouts), n):
             for t in range(d["tp"]):
                 group = layouts[first + t : first + n : d["tp"]]
@@ -366,6 +383,58 @@ def check_layout(case: Case, got: dict) -> None:
         assert sum(owned) == psi and max(owned) < psi, (case, "ZeRO-1 must split the optimizer", owned)
     if got["strategy"].startswith("deepspeed"):
         check_deepspeed_layout(case, layouts, psi)
+
+
+def check_experts(case: Case, d: dict, lay: dict, model) -> int:
+    """Expert parallelism: each rank holds its ep group's share of the experts, a DTensor split
+    over the ep dim; without it, every expert. Returns the expert elements of the model."""
+    from models.moe import GroupedExperts
+
+    mixtures = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    if not mixtures:
+        assert lay["experts"] is None and d["ep"] == 1, (case, lay["experts"])
+        return 0
+    count = mixtures[0].count
+    elements = sum(p.numel() for m in mixtures for p in m.parameters())
+    if d["ep"] == 1:
+        assert lay["experts"] == list(range(count)), (case, lay["experts"])
+        return 0
+    assert len(lay["experts"]) == count // d["ep"], (case, "EP must split the experts", lay["experts"])
+    assert lay["sharded_elements"].get("ep") == elements, (case, lay["sharded_elements"])
+    return elements
+
+
+def check_sequence_split(case: Case, d: dict, layouts: list[dict]) -> None:
+    """Context parallelism: the cp ranks of one group hold disjoint positions that cover each
+    sequence, a head chunk and a tail chunk each (every rank the same causal work); the ep ranks
+    of one group hold disjoint experts that cover the mixture."""
+    cp, tp = d["cp"], d["tp"]
+    for start in range(0, len(layouts), cp * tp):
+        for t in range(tp):
+            group = layouts[start + t : start + cp * tp : tp]
+            held = [g["sequence_positions"] for g in group]
+            if cp == 1:
+                assert all(h is None for h in held), (case, held)
+                continue
+            chunk = len(held[0]) // 2
+            every = sorted(p for h in held for p in h)
+            assert every == list(range(len(every))), (case, "cp ranks must cover each sequence once", held)
+            for r, h in enumerate(held):
+                assert h == [
+                    *range(r * chunk, (r + 1) * chunk),
+                    *range((2 * cp - 1 - r) * chunk, (2 * cp - r) * chunk),
+                ]
+    if d["ep"] > 1:
+        # ep is the inner part of dp_shard: ranks ep apart (in units of cp × tp) share a group.
+        stride = cp * tp
+        for start in range(0, len(layouts), d["ep"] * stride):
+            for offset in range(stride):
+                group = layouts[start + offset : start + d["ep"] * stride : stride]
+                held = sorted(e for g in group for e in g["experts"])
+                assert held == sorted(set(held)) and len(held) == len(group) * len(group[0]["experts"]), (
+                    case,
+                    held,
+                )
 
 
 def check_deepspeed_layout(case: Case, layouts: list[dict], psi: int) -> None:

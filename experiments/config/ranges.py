@@ -65,6 +65,8 @@ BOUNDS: dict[str, Bound] = {
     "strategy.tp": AT_LEAST_1,
     "strategy.pp": AT_LEAST_1,
     "strategy.dp_replicate": AT_LEAST_1,
+    "strategy.cp": AT_LEAST_1,
+    "strategy.ep": AT_LEAST_1,
     # DDP turns it into bytes in a 64-bit integer; a terabyte bucket is already one bucket.
     "strategy.bucket_cap_mb": Bound(0, 1e6, low_open=True),
     "strategy.microbatches": AT_LEAST_1,

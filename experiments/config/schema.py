@@ -129,6 +129,10 @@ class StrategyConfig:
     pp: int = 1
     # HSDP: replica groups; FSDP shards within each group over the ranks left (strategy=hsdp).
     dp_replicate: int = 1
+    # Context parallelism: ranks that split every sequence (attention as a ring); the FSDP family.
+    cp: int = 1
+    # Expert parallelism: ranks of dp_shard that split a mixture's experts (all-to-all dispatch).
+    ep: int = 1
     # DDP knobs (ddp, zero1, ddp_pp).
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False

@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from experiments.measure.theory import ring_bytes
 from parallel.layout import local_tensor, storage_bytes
+from parallel.mesh import axis_of
 
 # c10d op name -> (collective, which tensors make the payload S)
 _OPS = {
@@ -59,24 +60,27 @@ def _nbytes(obj: object) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(obj))
 
 
-def _group_size(args: tuple) -> int:
-    """Size of the process group an op runs on: c10d ops carry it boxed, functional ones by name."""
+def _group(args: tuple) -> tuple[int, str]:
+    """Size and mesh axis of the process group an op runs on: c10d ops carry it boxed, functional
+    ones by name."""
     for a in args:
         if isinstance(a, torch.ScriptObject):
             try:
-                return dist.ProcessGroup.unbox(a).size()
+                group = dist.ProcessGroup.unbox(a)
             except (RuntimeError, TypeError):
                 continue  # the ReduceOp is boxed the same way
+            return group.size(), axis_of(group.group_name)
         if isinstance(a, str):
             try:
-                return dist.distributed_c10d._resolve_process_group(a).size()
+                return dist.distributed_c10d._resolve_process_group(a).size(), axis_of(a)
             except (KeyError, ValueError, RuntimeError):
                 continue
-    return 1
+    return 1, "other"
 
 
 class CommCounter(TorchDispatchMode):
-    """Counts c10d collectives: calls, payload bytes S, and ring-model bytes sent by this rank."""
+    """Counts c10d collectives: calls, payload bytes S, and ring-model bytes sent by this rank; in
+    all and per mesh axis (the axis of the op's process group: parallel/mesh.py)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,12 +95,12 @@ class CommCounter(TorchDispatchMode):
                 collective, payload = op
                 # c10d's reduce-scatter takes (output, input); everything else leads with the payload.
                 size = _nbytes(args[1] if payload == "input" and func.namespace == "c10d" else args[0])
-                n = _group_size(tuple(args) + tuple((kwargs or {}).values()))
-                self.calls[collective] += 1
-                self.bytes[collective] += size
-                self.wire[collective] += (
-                    ring_bytes(collective, size, n) if collective != "all_to_all" else size
-                )
+                n, axis = _group(tuple(args) + tuple((kwargs or {}).values()))
+                wire = ring_bytes(collective, size, n)
+                for key in (collective, f"axis/{axis}/{collective}"):
+                    self.calls[key] += 1
+                    self.bytes[key] += size
+                    self.wire[key] += wire
         return func(*args, **(kwargs or {}))
 
     def scalars(self) -> dict[str, float]:
@@ -105,7 +109,7 @@ class CommCounter(TorchDispatchMode):
             out[f"comm/{c}_calls"] = self.calls[c]
             out[f"comm/{c}_bytes"] = self.bytes[c]
             out[f"comm/{c}_wire_bytes"] = self.wire[c]
-        out["comm/total_wire_bytes"] = sum(self.wire.values())
+        out["comm/total_wire_bytes"] = sum(v for k, v in self.wire.items() if not k.startswith("axis/"))
         return out
 
 

@@ -13,6 +13,7 @@ from experiments.measure.theory import (
     zero_model_state_bytes,
 )
 from parallel.costs import CommTheory, MemoryModel, Setting, optimizer_state_bytes_per_param, torch_memory
+from parallel.mesh import WORLD
 from parallel.strategies.pipeline import stages_per_rank
 
 
@@ -36,26 +37,30 @@ def memory(
 
 
 def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
-    """Payload bytes S per collective per step, and the ring bytes this rank sends for them."""
+    """Payload bytes S per collective per step, the ring bytes this rank sends for them, and the
+    calls: per mesh axis, and summed over the axes."""
     payload = theory(x) if theory is not None else None
     if payload is None:
         return {}
-    world = x.degrees.world_size
-    if x.cfg.train.grad_clip > 0 and world > 1:
+    d = x.degrees
+    if x.cfg.train.grad_clip > 0 and d.world_size > 1:
         # Clipping needs the global norm every step: one fp32 scalar, summed over the world.
-        size, n, calls = payload.get("all_reduce", (0.0, world, 0))
-        payload = {**payload, "all_reduce": (size + 4, n, None if calls is None else calls + 1)}
-        clip_wire = ring_bytes("all_reduce", 4, world) - ring_bytes("all_reduce", 4, n)
-    else:
-        clip_wire = 0.0
+        key = (WORLD, "all_reduce")
+        size, _, calls = payload.get(key, (0.0, d.world_size, 0))
+        payload = {**payload, key: (size + 4, d.world_size, None if calls is None else calls + 1)}
     out: dict[str, float] = {}
-    for coll, (size, n, calls) in payload.items():
-        out[Tag.theory_comm(coll, "bytes")] = size
-        out[Tag.theory_comm(coll, "wire_bytes")] = ring_bytes(coll, size, n)
-        if calls is not None:
-            out[Tag.theory_comm(coll, "calls")] = calls
-    if clip_wire:
-        out[Tag.theory_comm("all_reduce", "wire_bytes")] += clip_wire
+    calls_known: dict[str, bool] = {}
+    for (axis, coll), (size, n, calls) in payload.items():
+        for tag_coll in (f"axis/{axis}/{coll}", coll):
+            for what, value in (("bytes", size), ("wire_bytes", ring_bytes(coll, size, n))):
+                out[Tag.theory_comm(tag_coll, what)] = out.get(Tag.theory_comm(tag_coll, what), 0.0) + value
+            known = calls is not None and calls_known.get(tag_coll, True)
+            calls_known[tag_coll] = known
+            calls_tag = Tag.theory_comm(tag_coll, "calls")
+            if known:
+                out[calls_tag] = out.get(calls_tag, 0) + calls
+            else:
+                out.pop(calls_tag, None)
     return out
 
 

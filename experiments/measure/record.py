@@ -88,7 +88,8 @@ class Tag:
 
     @staticmethod
     def is_theory_wire(tag: str) -> bool:
-        return tag.startswith("theory/comm/") and tag.endswith("_wire_bytes")
+        # Summed over the axes: the per-axis tags (theory/comm/axis/<axis>/...) split the same bytes.
+        return tag.startswith("theory/comm/") and tag.endswith("_wire_bytes") and "/axis/" not in tag
 
 
 @dataclass

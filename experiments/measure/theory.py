@@ -49,8 +49,8 @@ def ring_bytes(collective: str, size: float, n: int) -> float:
         return 0.0  # a group of one talks to nobody
     if collective == "all_reduce":
         return 2 * (n - 1) / n * size
-    if collective in ("all_gather", "reduce_scatter"):
-        return (n - 1) / n * size
+    if collective in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n * size  # all-to-all: an even split, of which 1/n stays here
     if collective in ("broadcast", "send"):
         return size
     if collective == "recv":

@@ -18,6 +18,8 @@ STRATEGY_KEY_USERS: dict[str, Callable[[object], bool]] = {
     "tp": lambda spec: "tp" in spec.configured,
     "pp": lambda spec: "pp" in spec.configured,
     "dp_replicate": lambda spec: "dp_replicate" in spec.configured,
+    "cp": lambda spec: "cp" in spec.configured,
+    "ep": lambda spec: "ep" in spec.configured,
     # DistributedDataParallel (ddp, zero1, ddp_pp).
     "bucket_cap_mb": lambda spec: spec.wraps_ddp,
     "gradient_as_bucket_view": lambda spec: spec.wraps_ddp,

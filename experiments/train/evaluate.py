@@ -78,7 +78,8 @@ class Evaluator:
         self.every, self.last = t.eval_every, t.steps
         # The training step's global batch: a pipeline's stages were shaped by it.
         self.batch, self.dp_rank, self.dp_size = t.global_batch_size, dp_rank, dp_size
-        # Tensor-parallel ranks hold the same output: one of them counts it.
+        # Tensor-parallel ranks hold the same output: one of them counts it (context-parallel
+        # ranks hold different tokens of it: each counts its own).
         self.counts = par.holds_loss and tp_rank == 0
         self.device = ctx.device
 
@@ -98,6 +99,8 @@ class Evaluator:
                 with self.ctx.autocast():
                     out = self.par.eval_forward(x, y)
                 if out is not None and self.counts:
+                    if self.par.local_targets is not None:
+                        y = self.par.local_targets(y)
                     total += _sums(out, y, real.to(self.device))
         finally:
             model.train()

@@ -30,9 +30,9 @@ from parallel.base import Parallelized, StrategyContext
 from parallel.costs import ModelSizes, Setting
 from parallel.distenv import RankEnv
 from parallel.layout import local_optimizer
-from parallel.levers import apply_ac, apply_compile
 from parallel.mesh import Degrees, build_mesh, dp_rank_and_size
 from parallel.optim import lr_scheduler, optimizer_spec
+from parallel.parallelize import parallelize
 from parallel.registry import StrategySpec, get_spec, resolve_degrees
 
 
@@ -107,12 +107,8 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         aux_terms = []
         ctx.loss_fn = with_aux_loss(ctx.loss_fn, model, aux_terms)
     block_order = list(blocks_of(model) or {})
-    # Before the strategy: its hooks (FSDP's all-gather) then wrap the recomputed region.
-    apply_ac(model, t.ac, t.ac_every)
-    if t.compile:
-        apply_compile(model)
     strategy = get_spec(cfg.strategy.name)
-    par = strategy.apply(model, mesh, ctx)
+    par = parallelize(model, mesh, degrees, ctx, strategy, spec.seq_len)
     del model  # pipeline ranks keep only their stages
     for note in par.notes:
         log.info(note)
@@ -170,7 +166,8 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         sink,
         theory,
         rates,
-        loss_holders=degrees.dp * degrees.tp,
+        # Context-parallel ranks hold the mean over their share of the tokens, equal in number.
+        loss_holders=degrees.dp * degrees.cp * degrees.tp,
         busy_seconds=par.busy_seconds,
         log=log,
         progress=progress,

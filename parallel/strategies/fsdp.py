@@ -11,19 +11,23 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from models.staged import blocks_of
 from parallel.base import Parallelized, StrategyContext, fsdp_no_sync, module_forward_backward
+from parallel.mesh import expert_meshes, flat, fsdp_mesh
 from parallel.strategies.syncbn import sync_batchnorm
 
 # fp32 is no cast: the parameters' own dtype, which train.precision=fp64 makes float64.
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> None:
+def shard_model(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, replicate: bool = False) -> None:
     """fully_shard each block, then the root: one all-gather per block, overlapped with compute.
 
-    A 2D mesh (replicate, shard) makes it HSDP: FSDP2 shards over the inner dim and replicates
-    across the outer, all-reducing each reduced gradient shard across the replicas."""
+    The shard group is dp_shard, joined by the context-parallel ranks (parallel/mesh.py).
+    `replicate` makes it HSDP: FSDP2 on a (replicate, shard) mesh shards over the inner dim and
+    replicates across the outer, all-reducing each reduced gradient shard across the replicas.
+    With strategy.ep > 1 the experts are split over the ep ranks first (expert.py)."""
     s = ctx.cfg.strategy
-    data_ranks = dp_mesh if dp_mesh.ndim == 1 else dp_mesh._flatten()
+    dp_mesh = fsdp_mesh(mesh, replicate)
+    data_ranks = flat(mesh, "dp_replicate", "dp_shard") if replicate else mesh["dp_shard"]
     sync_batchnorm(model, data_ranks.get_group(), ctx)
     kwargs = {
         "mesh": dp_mesh,
@@ -34,6 +38,13 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
         # and the optimizer's step live in pinned host memory; FSDP copies each block's to the GPU.
         "offload_policy": CPUOffloadPolicy() if s.offload else OffloadPolicy(),
     }
+    if s.ep > 1:
+        from parallel.strategies.expert import apply_ep
+
+        experts_mesh, ep_mesh = expert_meshes(mesh, s.ep, replicate)
+        apply_ep(
+            model, ep_mesh, kwargs | {"mesh": experts_mesh, "reshard_after_forward": s.reshard_after_forward}
+        )
     # A model without blocks (models/staged.py) is one FSDP unit: its root.
     for block in (blocks_of(model) or {}).values():
         fully_shard(block, reshard_after_forward=s.reshard_after_forward, **kwargs)
@@ -43,8 +54,10 @@ def shard_model(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> 
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
-def _sharded(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    shard_model(model, dp_mesh, ctx)
+def _sharded(
+    model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, replicate: bool = False
+) -> Parallelized:
+    shard_model(model, mesh, ctx, replicate)
     return Parallelized(
         model=model,
         forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
@@ -52,8 +65,8 @@ def _sharded(model: nn.Module, dp_mesh: DeviceMesh, ctx: StrategyContext) -> Par
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    return _sharded(model, mesh["dp_shard"], ctx)
+    return _sharded(model, mesh, ctx)
 
 
 def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    return _sharded(model, mesh["dp_replicate", "dp_shard"], ctx)
+    return _sharded(model, mesh, ctx, replicate=True)

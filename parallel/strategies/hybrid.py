@@ -34,7 +34,7 @@ def apply_ddp_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> 
 def apply_fsdp_tp_pp(model: StagedModel, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
     def tp_then_fsdp(stage: Stage) -> nn.Module:
         tensor_parallelize(stage, mesh["tp"], False)
-        shard_model(stage, mesh["dp_shard"], ctx)
+        shard_model(stage, mesh, ctx)
         return stage
 
     return apply_pipeline(model, mesh, ctx, tp_then_fsdp)
