@@ -40,6 +40,10 @@ class ModelSizes:
     head_here: bool = True
     # Where this rank's blocks sit in the whole model (0, 1, ...): which ones train.ac_every picks.
     block_ids: tuple[int, ...] | None = None
+    # Expert parallelism: this rank's expert weights (its ep share, left out of local_shapes), and
+    # how many mixtures hold them (each its own FSDP group).
+    expert_shapes: tuple[tuple[int, ...], ...] = ()
+    expert_groups: int = 0
 
     @property
     def block_positions(self) -> tuple[int, ...]:
@@ -67,15 +71,20 @@ class ModelSizes:
     ) -> ModelSizes:
         """This rank's `model` (TP-sharded, a pipeline stage, or whole), group by group as FSDP
         shards it: its blocks, and the root's own parameters."""
-        from parallel.layout import tp_local_shapes
+        from parallel.layout import split_shapes, tp_local_shapes
+        from parallel.strategies.expert import ExpertParallel
 
-        params = list(model.parameters())
+        mixtures = [m for m in model.modules() if isinstance(m, ExpertParallel)]
+        in_experts = {id(p) for m in mixtures for p in m.parameters()}
+        params = [p for p in model.parameters() if id(p) not in in_experts]
         blocks = getattr(model, "blocks", None)
         in_blocks = {id(p) for p in blocks.parameters()} if blocks is not None else set()
         return cls(
             psi,
             param_bytes,
             assigned_psi=assigned_psi,
+            expert_shapes=split_shapes((p for m in mixtures for p in m.parameters()), "ep"),
+            expert_groups=len(mixtures),
             local_shapes=tp_local_shapes(params),
             blocks_here=len(blocks) if blocks is not None else 0,
             root_shapes=tp_local_shapes(p for p in params if id(p) not in in_blocks),
@@ -107,7 +116,8 @@ class Setting:
 # (mesh axis, collective) -> (payload bytes S per step, group size, calls per step or None where
 # not predicted); the whole result is None where the strategy has no prediction. The axis is the
 # one the communication counter names for the group the collective runs on (Degrees.axis).
-Payload = dict[tuple[str, str], tuple[float, int, int | None]]
+# Bytes None: the calls are known, the bytes are data's (an all-to-all's, by routing).
+Payload = dict[tuple[str, str], tuple[float | None, int, int | None]]
 CommTheory = Callable[[Setting], Payload | None]
 
 
@@ -198,32 +208,50 @@ def fsdp_comm(x: Setting) -> Payload:
     # that starts with them. Gradients are reduce-scattered once per step. One collective per FSDP
     # group (each block, and the root); FSDP2 pads each local dim 0 to the group size. The
     # context-parallel ranks shard the parameters with the shard group (they hold the same ones).
-    d = x.degrees
-    n, b, a = d.fsdp, x.sizes.param_bytes, x.cfg.train.grad_accum_steps
-    total, root = x.sizes.padded_psi(n), x.sizes.padded_root(n)
+    d, m = x.degrees, x.sizes
+    n, b, a = d.fsdp, m.param_bytes, x.cfg.train.grad_accum_steps
+    total, root = m.padded_psi(n), m.padded_root(n)
     gathers = 2 if x.cfg.strategy.reshard_after_forward else 1
-    groups = x.sizes.blocks_here + 1
+    groups = m.blocks_here + 1
     axis = fsdp_axis(d)
-    return {
-        (axis, "all_gather"): (
-            b * a * (gathers * (total - root) + root),
-            n,
-            a * (gathers * (groups - 1) + 1),
-        ),
+    gathered = b * a * (gathers * (total - root) + root)
+    out: Payload = {
+        (axis, "all_gather"): (gathered, n, a * (gathers * (groups - 1) + 1)),
         (axis, "reduce_scatter"): (b * total, n, groups),
     }
+    return out | experts_comm(x, gathers)
+
+
+def experts_comm(x: Setting, gathers: int) -> Payload:
+    """Expert parallelism (parallel/strategies/expert.py): each mixture's experts are an FSDP group
+    of their own over dp_shard / ep (and cp), gathered like a block; tokens go out and back by
+    all-to-all, 3 forward (counts, tokens out, outputs back) and 2 backward per mixture. How many
+    tokens go where is the router's choice: the all-to-all's bytes are not predicted."""
+    d, m, a = x.degrees, x.sizes, x.cfg.train.grad_accum_steps
+    if not m.expert_groups:
+        return {}
+    out: Payload = {(d.axis("ep"), "all_to_all"): (None, d.ep, a * 5 * m.expert_groups)}
+    n = d.dp_shard_mod_ep * d.cp
+    total, b, groups = padded(m.expert_shapes, n), m.param_bytes, m.expert_groups
+    if n > 1:  # FSDP2 sends nothing over a group of one
+        axis = d.axis("dp_shard_mod_ep", "cp") if d.cp > 1 else d.axis("dp_shard_mod_ep")
+        out[(axis, "all_gather")] = (b * a * gathers * total, n, a * gathers * groups)
+        out[(axis, "reduce_scatter")] = (b * total, n, groups)
+    return out
 
 
 def hsdp_comm(x: Setting) -> Payload:
     # FSDP within each replica group, then each rank's reduced gradient shard all-reduced with the
     # same shard of the other groups: one all-reduce per FSDP group, once per step.
-    d = x.degrees
-    n, b = d.fsdp, x.sizes.param_bytes
-    shards = b * x.sizes.padded_psi(n) / n
-    return {
-        **fsdp_comm(x),
-        (d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, x.sizes.blocks_here + 1),
-    }
+    d, m = x.degrees, x.sizes
+    n, b = d.fsdp, m.param_bytes
+    shards = b * m.padded_psi(n) / n
+    calls = m.blocks_here + 1
+    if m.expert_groups:
+        ne = d.dp_shard_mod_ep * d.cp
+        shards += b * padded(m.expert_shapes, ne) / ne
+        calls += m.expert_groups
+    return {**fsdp_comm(x), (d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, calls)}
 
 
 def tp_comm(x: Setting) -> Payload | None:
@@ -275,7 +303,18 @@ def cp_comm(x: Setting) -> Payload | None:
     block = 4 * 2 * (x.local_batch // a) * kv // d.tp * (x.seq_len // d.cp) * head_dim
     hops = a * x.sizes.blocks_here * (2 * (d.cp - 1) + d.cp)
     each = (hops * block, 2, hops)
-    return {(d.axis("cp"), "send"): each, (d.axis("cp"), "recv"): each}
+    out: Payload = {(d.axis("cp"), "send"): each, (d.axis("cp"), "recv"): each}
+    experts = cfg.model.get("experts", 0)
+    if experts:
+        # A mixture's load statistics over the whole sequence: (2, batch, experts) in fp32 summed
+        # over the ring's ranks, forward and (its gradient) backward.
+        size = 4 * 2 * (x.local_batch // a) * experts
+        out[(d.axis("cp"), "all_reduce")] = (
+            2 * a * x.sizes.blocks_here * size,
+            d.cp,
+            2 * a * x.sizes.blocks_here,
+        )
+    return out
 
 
 def _boundary_features(cfg: Config, seq_len: int) -> int | None:

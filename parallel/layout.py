@@ -43,16 +43,21 @@ def _splits(p: Tensor) -> Iterable[tuple[str, int, int]]:
             yield (names[i] if i < len(names) else str(i)), placement.dim, p.device_mesh.size(i)  # type: ignore[attr-defined]
 
 
-def tp_local_shapes(params: Iterable[Tensor]) -> tuple[tuple[int, ...], ...]:
-    """These parameters' shapes on this rank as tensor parallelism leaves them (before any FSDP sharding)."""
+def split_shapes(params: Iterable[Tensor], mesh_dim: str) -> tuple[tuple[int, ...], ...]:
+    """These parameters' shapes on this rank as the split over `mesh_dim` alone leaves them."""
     shapes = []
     for p in params:
         shape = list(p.shape)
-        for mesh_dim, dim, ways in _splits(p):
-            if mesh_dim == "tp":
+        for name, dim, ways in _splits(p):
+            if name == mesh_dim:
                 shape[dim] //= ways
         shapes.append(tuple(shape))
     return tuple(shapes)
+
+
+def tp_local_shapes(params: Iterable[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """These parameters' shapes on this rank as tensor parallelism leaves them (before any FSDP sharding)."""
+    return split_shapes(params, "tp")
 
 
 # layout()'s name for parameters that DeepSpeed partitions over the data-parallel ranks itself.

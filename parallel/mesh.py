@@ -39,6 +39,10 @@ class Degrees:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def dp_shard_mod_ep(self) -> int:
+        return self.dp_shard // self.ep
+
+    @property
     def fsdp(self) -> int:
         """Ranks FSDP shards parameters over: its shard group and the context-parallel ranks, which
         hold the same parameters for other tokens of the same samples."""

@@ -97,8 +97,15 @@ GPT = ["model=transformer", "dataset=tokens"]
         (["strategy=pp", "strategy.schedule=1f1b", "strategy.stages_per_rank=2"], "one stage per rank"),
         (["strategy=pp", "strategy.schedule=warp"], "strategy.schedule=warp is not one of"),
         (["strategy=mp", "strategy.microbatches=4"], "for microbatches use strategy=pp"),
-        (["strategy=fsdp_tp", "launcher.nproc_per_node=3"], "not divisible by tp×pp = 2"),
-        (["strategy=fsdp_tp_pp", "launcher.nproc_per_node=6", *GPT], "not divisible by tp×pp = 4"),
+        (["strategy=fsdp_tp", "launcher.nproc_per_node=3"], "tp=2 = 2 ranks, but the launcher gives 3"),
+        (
+            ["strategy=fsdp_tp_pp", "launcher.nproc_per_node=6", *GPT],
+            "pp=2 × tp=2 = 4 ranks, but the launcher gives 6",
+        ),
+        (
+            ["strategy=fsdp_tp", "strategy.cp=2", "strategy.tp=2", "launcher.nproc_per_node=2", *GPT],
+            "cp=2 × tp=2 = 4 ranks, but the launcher gives 2",
+        ),
         (["strategy=ddp", "strategy.tp=2"], "does not use strategy.tp=2"),
         (["strategy=zero2", "strategy.reshard_after_forward=true"], "use strategy=fsdp"),
         (["strategy=tp", "strategy.sequence_parallel=true"], "sequence-parallel edges .* model=mlp has none"),

@@ -157,7 +157,24 @@ TABLE = [
     Bad(("model.layers=100000000",), "model.layers=100000000 must be <= 10000"),
     Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
     # HSDP
-    Bad(("strategy=hsdp", "strategy.dp_replicate=3"), "world size 2 is not divisible by dp_replicate=3"),
+    Bad(("strategy=hsdp", "strategy.dp_replicate=3"), "dp_replicate=3 = 3 ranks, but the launcher gives 2"),
+    # Context and expert parallelism (issue 22)
+    Bad(("strategy=fsdp", "strategy.cp=2", *GPT, "dataset.seq_len=6"), "2·cp = 4 chunks"),
+    Bad(("strategy=fsdp", "strategy.cp=2"), "model=mlp has none"),
+    Bad(("strategy=fsdp", "strategy.cp=4", *GPT), "cp=4 = 4 ranks, but the launcher gives 2"),
+    Bad(("strategy=ddp", "strategy.cp=2", *GPT), "does not use strategy.cp=2"),
+    Bad(("strategy=fsdp", "strategy.cp=2", "train.compile=true", *GPT), "train.compile with strategy.cp"),
+    Bad(
+        ("strategy=fsdp", "strategy.ep=2", "model=moe", "dataset=tokens", "model.experts=3"),
+        "does not divide model.experts=3",
+    ),
+    Bad(("strategy=fsdp", "strategy.ep=2", *LLAMA), "model=llama has none"),
+    Bad(
+        ("strategy=fsdp", "strategy.ep=4", "model=moe", "dataset=tokens"),
+        "strategy.ep=4 must divide dp_shard = 2",
+    ),
+    Bad(("strategy=fsdp_tp", "strategy.ep=2", "model=moe", "dataset=tokens"), "does not use strategy.ep=2"),
+    Bad(("strategy=fsdp", "strategy.cp=0", *GPT), "strategy.cp"),
     Bad(("strategy=fsdp", "strategy.dp_replicate=2"), "does not use strategy.dp_replicate"),
     Bad(("strategy=hsdp", "strategy.dp_replicate=0"), "strategy.dp_replicate"),
     # memory levers (issue 23)

@@ -24,7 +24,7 @@ from experiments.config.schema import typed_config
 from experiments.report.parity import compose_config, run_case
 from experiments.train.evaluate import Evaluator
 from experiments.train.setup import loss_fn_for
-from parallel.base import StrategyContext
+from parallel.base import Parallelized, StrategyContext
 from parallel.strategies.deepspeed import installed as deepspeed_installed
 from tests.helpers import TINY
 
@@ -230,7 +230,7 @@ def evaluate_on(x: torch.Tensor, y: torch.Tensor, task: str, batch: int):
     cfg = typed_config(compose_config(["train.eval_samples=-1", f"train.global_batch_size={batch}"]))
     ctx = StrategyContext(cfg, torch.device("cpu"), loss_fn_for(SimpleNamespace(task=task)))
     model = torch.nn.Identity()
-    par = SimpleNamespace(model=model, holds_loss=True, eval_forward=lambda xb, yb: xb)
+    par = Parallelized(model=model, forward_backward=None, eval_forward=lambda xb, yb: xb)  # type: ignore[arg-type]
     spec = SimpleNamespace(task=task)
     ev = Evaluator(TensorDataset(x, y), spec, par, ctx, dp_rank=0, dp_size=1, tp_rank=0)
     return ev.run(step=1, wall_s=0.0)

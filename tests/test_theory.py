@@ -96,7 +96,7 @@ def _setting(*overrides: str, world: int):
 
 
 def _wire(payload) -> float:
-    return sum(ring_bytes(c, size, n) for c, (size, n, _) in payload.items())
+    return sum(ring_bytes(c, size, n) for (_, c), (size, n, _) in payload.items())
 
 
 @pytest.mark.parametrize(("strategy", "stage"), [("ddp", "dp"), ("zero2", "os+g"), ("zero3", "os+g+p")])

@@ -49,19 +49,18 @@ def communication(theory: CommTheory | None, x: Setting) -> dict[str, float]:
         size, _, calls = payload.get(key, (0.0, d.world_size, 0))
         payload = {**payload, key: (size + 4, d.world_size, None if calls is None else calls + 1)}
     out: dict[str, float] = {}
-    calls_known: dict[str, bool] = {}
+    unknown: set[str] = set()  # a tag one of whose parts is not predicted is not predicted
     for (axis, coll), (size, n, calls) in payload.items():
         for tag_coll in (f"axis/{axis}/{coll}", coll):
-            for what, value in (("bytes", size), ("wire_bytes", ring_bytes(coll, size, n))):
-                out[Tag.theory_comm(tag_coll, what)] = out.get(Tag.theory_comm(tag_coll, what), 0.0) + value
-            known = calls is not None and calls_known.get(tag_coll, True)
-            calls_known[tag_coll] = known
-            calls_tag = Tag.theory_comm(tag_coll, "calls")
-            if known:
-                out[calls_tag] = out.get(calls_tag, 0) + calls
-            else:
-                out.pop(calls_tag, None)
-    return out
+            parts = [("calls", calls), ("bytes", size)]
+            parts.append(("wire_bytes", None if size is None else ring_bytes(coll, size, n)))
+            for what, value in parts:
+                tag = Tag.theory_comm(tag_coll, what)
+                if value is None:
+                    unknown.add(tag)
+                else:
+                    out[tag] = out.get(tag, 0.0) + value
+    return {k: v for k, v in out.items() if k not in unknown}
 
 
 def bubble(x: Setting) -> dict[str, float]:

@@ -139,6 +139,16 @@ MUTANTS = [
         (f"{COMM}[hsdp-ws4-*]", f"{PARITY}[hsdp-ws4-mlp]"),
     ),
     Mutant(
+        "cp_whole_sequence",
+        "context parallelism gives every rank the whole sequence",
+        (f"{COMM}[fsdp-cp2-ws4-gpt-*]", f"{PARITY}[fsdp-ws4-gpt-cp=2]"),
+    ),
+    Mutant(
+        "ep_every_expert",
+        "expert parallelism keeps every expert on every rank",
+        (f"{COMM}[fsdp-ep2-ws4-moe-*]", f"{PARITY}[fsdp-ws4-moe-ep=2]"),
+    ),
+    Mutant(
         "ac_noop",
         "activation checkpointing names its blocks but checkpoints none (still the same run)",
         (f"{AC}[ddp-ws2-llama-ac=full-ac_every=2]",),

@@ -300,12 +300,38 @@ def activations_count_params(activations) -> None:
 
 def hsdp_whole_world(fsdp) -> None:
     """parallel.strategies.fsdp: HSDP shards over every data rank (plain FSDP), no replica groups."""
+    real = fsdp.fsdp_mesh
 
-    def apply_hsdp(model, mesh, ctx):
-        hit("fsdp.apply_hsdp")
-        return fsdp._sharded(model, mesh["dp_replicate", "dp_shard"]._flatten(), ctx)
+    def fsdp_mesh(mesh, replicate=False):
+        if not replicate:
+            return real(mesh, replicate)
+        hit("fsdp.fsdp_mesh")
+        return mesh["dp_replicate", "dp_shard"]._flatten()
 
-    fsdp.apply_hsdp = apply_hsdp
+    fsdp.fsdp_mesh = fsdp_mesh
+
+
+def cp_whole_sequence(context) -> None:
+    """parallel.strategies.context: every cp rank holds every position of each sequence. The
+    losses stay one process's (a key seen cp times weighs the same in a softmax): only the
+    layout and the communication can tell."""
+    import torch
+
+    def head_tail(seq_len, cp, rank):
+        hit("context.head_tail")
+        return torch.arange(seq_len)
+
+    context.head_tail = head_tail
+
+
+def ep_every_expert(expert) -> None:
+    """parallel.strategies.expert: expert parallelism splits nothing; every rank keeps every
+    expert (FSDP shards them with the rest), and the losses stay one process's."""
+
+    def apply_ep(model, ep_mesh, fsdp_kwargs):
+        hit("expert.apply_ep")
+
+    expert.apply_ep = apply_ep
 
 
 # name -> (module to patch, patch)
@@ -326,6 +352,8 @@ MUTANTS = {
     "moe_aux_over_batch": ("models.moe", moe_aux_over_batch),
     "moe_aux_dropped": ("experiments.train.setup", moe_aux_dropped),
     "hsdp_whole_world": ("parallel.strategies.fsdp", hsdp_whole_world),
+    "cp_whole_sequence": ("parallel.strategies.context", cp_whole_sequence),
+    "ep_every_expert": ("parallel.strategies.expert", ep_every_expert),
     "ac_noop": ("parallel.levers", ac_noop),
     "ac_selective_keeps_nothing": ("parallel.levers", ac_selective_keeps_nothing),
     "activations_count_params": ("experiments.measure.activations", activations_count_params),
