@@ -219,7 +219,7 @@ def fsdp_comm(x: Setting) -> Payload:
         (axis, "all_gather"): (gathered, n, a * (gathers * (groups - 1) + 1)),
         (axis, "reduce_scatter"): (b * total, n, groups),
     }
-    return out | experts_comm(x, gathers)
+    return out | experts_comm(x, gathers) | replicas_comm(x)
 
 
 def experts_comm(x: Setting, gathers: int) -> Payload:
@@ -240,10 +240,12 @@ def experts_comm(x: Setting, gathers: int) -> Payload:
     return out
 
 
-def hsdp_comm(x: Setting) -> Payload:
-    # FSDP within each replica group, then each rank's reduced gradient shard all-reduced with the
-    # same shard of the other groups: one all-reduce per FSDP group, once per step.
+def replicas_comm(x: Setting) -> Payload:
+    """HSDP: after FSDP's reduce-scatter within each replica group, each rank's reduced gradient
+    shard is all-reduced with the same shard of the other groups, once per FSDP group per step."""
     d, m = x.degrees, x.sizes
+    if d.dp_replicate == 1:
+        return {}
     n, b = d.fsdp, m.param_bytes
     shards = b * m.padded_psi(n) / n
     calls = m.blocks_here + 1
@@ -251,7 +253,7 @@ def hsdp_comm(x: Setting) -> Payload:
         ne = d.dp_shard_mod_ep * d.cp
         shards += b * padded(m.expert_shapes, ne) / ne
         calls += m.expert_groups
-    return {**fsdp_comm(x), (d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, calls)}
+    return {(d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, calls)}
 
 
 def tp_comm(x: Setting) -> Payload | None:
@@ -280,11 +282,6 @@ def fsdp_tp_comm(x: Setting) -> Payload | None:
 def fsdp_cp_comm(x: Setting) -> Payload | None:
     cp = cp_comm(x)
     return None if cp is None else {**fsdp_comm(x), **cp}
-
-
-def hsdp_cp_comm(x: Setting) -> Payload | None:
-    cp = cp_comm(x)
-    return None if cp is None else {**hsdp_comm(x), **cp}
 
 
 def cp_comm(x: Setting) -> Payload | None:

@@ -21,7 +21,6 @@ from parallel.costs import (
     deepspeed_memory,
     fsdp_cp_comm,
     fsdp_tp_comm,
-    hsdp_cp_comm,
     no_comm,
     pp_comm,
     torch_memory,
@@ -54,7 +53,6 @@ def lazy(path: str) -> Callable:
 
 
 apply_fsdp = lazy("parallel.strategies.fsdp:apply_fsdp")
-apply_hsdp = lazy("parallel.strategies.fsdp:apply_hsdp")
 apply_tp = lazy("parallel.strategies.tensor:apply_tp")
 apply_zero1 = lazy("parallel.strategies.zero:apply_zero1")
 apply_fsdp_tp = lazy("parallel.strategies.hybrid:apply_fsdp_tp")
@@ -208,11 +206,11 @@ STRATEGIES: dict[str, StrategySpec] = {
         shards="layers; one batch at a time",
     ),
     "hsdp": StrategySpec(
-        apply_hsdp,
+        apply_fsdp,
         "dp_shard",
         frozenset({"dp_replicate"}) | CP_EP,
         stage=fsdp_stage,
-        comm=hsdp_cp_comm,
+        comm=fsdp_cp_comm,
         syncs_batchnorm=True,
         label=lambda s: f"hsdp_r{s.dp_replicate}",  # its replica groups: the shard degree is the rest
         shards="the batch + optimizer state, grads, params within each of strategy.dp_replicate groups",
@@ -220,7 +218,7 @@ STRATEGIES: dict[str, StrategySpec] = {
     "fsdp_tp": StrategySpec(
         apply_fsdp_tp,
         "dp_shard",
-        TP | {"cp"},
+        TP | {"dp_replicate", "cp"},
         needs_tp_plan=True,
         comm=fsdp_tp_comm,
         shards="batch × FSDP, weights × TP",
@@ -237,7 +235,7 @@ STRATEGIES: dict[str, StrategySpec] = {
     "fsdp_tp_pp": StrategySpec(
         apply_fsdp_tp_pp,
         "dp_shard",
-        TP | PP,
+        TP | PP | {"dp_replicate", "cp"},
         needs_tp_plan=True,
         pipelined=True,
         shards="batch × FSDP, weights × TP, layers × PP",

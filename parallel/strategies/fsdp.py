@@ -18,14 +18,15 @@ from parallel.strategies.syncbn import sync_batchnorm
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, replicate: bool = False) -> None:
+def shard_model(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> None:
     """fully_shard each block, then the root: one all-gather per block, overlapped with compute.
 
-    The shard group is dp_shard, joined by the context-parallel ranks (parallel/mesh.py).
-    `replicate` makes it HSDP: FSDP2 on a (replicate, shard) mesh shards over the inner dim and
-    replicates across the outer, all-reducing each reduced gradient shard across the replicas.
-    With strategy.ep > 1 the experts are split over the ep ranks first (expert.py)."""
+    The shard group is dp_shard, joined by the context-parallel ranks (parallel/mesh.py). Replica
+    groups (dp_replicate > 1) make it HSDP: FSDP2 on a (replicate, shard) mesh shards over the
+    inner dim and replicates across the outer, all-reducing each reduced gradient shard across
+    the replicas. With strategy.ep > 1 the experts are split over the ep ranks first (expert.py)."""
     s = ctx.cfg.strategy
+    replicate = mesh["dp_replicate"].size() > 1
     dp_mesh = fsdp_mesh(mesh, replicate)
     data_ranks = flat(mesh, "dp_replicate", "dp_shard") if replicate else mesh["dp_shard"]
     sync_batchnorm(model, data_ranks.get_group(), ctx)
@@ -54,19 +55,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, replic
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
-def _sharded(
-    model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext, replicate: bool = False
-) -> Parallelized:
-    shard_model(model, mesh, ctx, replicate)
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
+    """FSDP, and HSDP where the mesh has replica groups (strategy=hsdp)."""
+    shard_model(model, mesh, ctx)
     return Parallelized(
         model=model,
         forward_backward=module_forward_backward(model, ctx, functools.partial(fsdp_no_sync, model)),
     )
-
-
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    return _sharded(model, mesh, ctx)
-
-
-def apply_hsdp(model: nn.Module, mesh: DeviceMesh, ctx: StrategyContext) -> Parallelized:
-    return _sharded(model, mesh, ctx, replicate=True)
