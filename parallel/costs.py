@@ -148,6 +148,8 @@ def torch_memory(stage: str, x: Setting) -> dict[str, float]:
     # own (FSDP2 keeps them for the backward that starts with them). Gathered copies live in
     # FSDP2's padded all-gather buffers.
     gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
+    if stage == "os+g" and m.expert_groups:  # its own experts, gathered over dp_shard / ep (× cp)
+        gathered += padded(m.expert_shapes, x.degrees.dp_shard_mod_ep * x.degrees.cp)
     return {
         "params": b * psi / n,
         "params_gathered": b * gathered,

@@ -149,6 +149,8 @@ def run_preset(preset: str, sweep_dir: Path, narrowed: dict[str, list[str]]) -> 
 NARROWER = {
     "memory_levers": {"strategy": ["ddp"], "train.ac": ["selective"]},
     "hsdp": {"strategy.dp_replicate": ["2"]},
+    "context_scaling": {"dataset.seq_len": ["128"]},
+    "expert_scaling": {"model.experts": ["4"], "strategy.ep": ["2"]},
 }
 
 

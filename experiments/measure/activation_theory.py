@@ -223,10 +223,14 @@ def predicted_activation_bytes(
     stem: bool = True,
     head: bool = True,
     t: int = 1,
+    cp: int = 1,
 ) -> float | None:
     """Bytes autograd keeps for one micro-step of `samples` samples on a rank that holds the
     blocks at these positions of the model (and its stem and head where it does), under TP
-    degree t; None where not predicted."""
+    degree t; None where not predicted. Under context parallelism (cp > 1) a rank keeps its
+    seq_len / cp tokens' share: one process's count for them. The ring keeps its own tensors for
+    backward (K and V unrepeated, its output and log-sum-exp in fp32, the rank's rotary rows), so
+    there the count is an estimate, within 1% on Llama (docs/parallelism.md), not exact."""
     target = cfg.model.target
     if target == "models.cnn.CNN":
         return _cnn(cfg, data, samples, blocks, stem, head)
@@ -236,7 +240,7 @@ def predicted_activation_bytes(
     shape = shape_of(cfg, data, t, cfg.strategy.sequence_parallel and t > 1)
     if shape is None:
         return None
-    units = samples * (data.seq_len if target in PER_TOKEN else 1)
+    units = samples * (data.seq_len / cp if target in PER_TOKEN else 1)
     ac = AC(cfg.train.ac)
     every = cfg.train.ac_every
     chosen = sum(1 for i in blocks if ac != AC.none and (i + 1) % every == 0)  # as parallel/levers.py picks

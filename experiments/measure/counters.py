@@ -16,7 +16,6 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.hooks import RemovableHandle
 
@@ -140,10 +139,9 @@ class GatheredParams:
 
     def _hook(self, module: nn.Module, args: object, output: object) -> None:
         seen = set(self.at_rest)
-        self.bytes = max(
-            self.bytes,
-            storage_bytes((p for p in module.parameters() if not isinstance(p, DTensor)), seen),
-        )
+        # Unsharded parameters that are DTensors still (TP's, EP's experts) count by their local
+        # storage: the shards at rest are in `seen` already.
+        self.bytes = max(self.bytes, storage_bytes(module.parameters(), seen))
 
 
 def cuda_devices(device: torch.device, devices_per_rank: int) -> list[int]:

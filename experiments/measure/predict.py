@@ -77,8 +77,8 @@ def bubble(x: Setting) -> dict[str, float]:
 
 def activations(x: Setting) -> dict[str, float]:
     """What autograd keeps for backward in one micro-step on this rank, where the model's count is known."""
-    if x.data is None:
-        return {}
+    if x.data is None or x.degrees.ep > 1:
+        return {}  # expert parallelism keeps its dispatch buffers too: not derived
     t = x.cfg.train
     bytes_ = predicted_activation_bytes(
         x.cfg,
@@ -88,6 +88,7 @@ def activations(x: Setting) -> dict[str, float]:
         x.sizes.stem_here,
         x.sizes.head_here,
         x.degrees.tp,
+        x.degrees.cp,
     )
     return {} if bytes_ is None else {Tag.THEORY_ACTIVATIONS: bytes_}
 

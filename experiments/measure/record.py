@@ -87,6 +87,14 @@ class Tag:
         return f"theory/comm/{collective}_{what}"
 
     @staticmethod
+    def comm_axis(tag: str) -> tuple[str, str] | None:
+        """(axis, collective) of a measured per-axis wire tag (comm/axis/<axis>/<coll>_wire_bytes)."""
+        if not (tag.startswith("comm/axis/") and tag.endswith("_wire_bytes")):
+            return None
+        axis, _, coll = tag.removeprefix("comm/axis/").removesuffix("_wire_bytes").partition("/")
+        return axis, coll
+
+    @staticmethod
     def is_theory_wire(tag: str) -> bool:
         # Summed over the axes: the per-axis tags (theory/comm/axis/<axis>/...) split the same bytes.
         return tag.startswith("theory/comm/") and tag.endswith("_wire_bytes") and "/axis/" not in tag
@@ -141,6 +149,10 @@ class RunRecord:
     # and compile_s = first_step_s - step_time_s: the compile's cost, kept out of step time.
     first_step_s: float = 0.0
     compile_s: float | None = None
+    # What the parallel axes split: tokens per sample (context parallelism), experts per mixture
+    # (expert parallelism); 0 where the model has none.
+    seq_len: int = 0
+    experts: int = 0
 
     def objective(self, name: str) -> float | None:
         """The number a sweeper optimises (train.objective)."""

@@ -42,7 +42,28 @@ class Job:
         if r.ac != "none":
             extra += f" ac={r.ac}" + (f"/{r.ac_every}" if r.ac_every > 1 else "")
         extra += " compiled" if r.compile else ""
+        for axis in ("cp", "ep"):
+            if r.degrees.get(axis, 1) > 1:
+                extra += f" {axis}={r.degrees[axis]}"
+        if r.experts:
+            extra += f" E={r.experts}"
+        if r.degrees.get("cp", 1) > 1 or r.seq_len and self._varies_seq:
+            extra += f" s={r.seq_len}"
         return f"{r.strategy}{extra} ws={r.world_size}"
+
+    # Set by load_jobs where the sweep's jobs differ in sequence length: the label says which.
+    _varies_seq: bool = False
+
+    def axis_wire(self) -> dict[str, float]:
+        """Bytes this job's ranks send per step on each mesh axis (mean over ranks, ring model)."""
+        out: dict[str, list[float]] = {}
+        for r in self.r.ranks:
+            for tag, value in (r or {}).items():
+                key = Tag.comm_axis(tag)
+                if key is not None:
+                    out.setdefault(key[0], []).append(value)
+        n = max(len(self.r.ranks), 1)
+        return {axis: sum(v) / n for axis, v in out.items()}
 
     def rank_memory(self) -> float | None:
         """Model state + activations on the rank that holds most (MiB), where both are measured."""
@@ -68,7 +89,14 @@ class Job:
         return self.rank_mean(Tag.COMM_TOTAL_WIRE)
 
     def theory_wire(self) -> float | None:
+        """The predicted bytes sent, where every collective's are predicted (an all-to-all's are
+        the router's to decide: then none)."""
         keys = [k for k in self.r.theory if Tag.is_theory_wire(k)]
+        if any(
+            k.endswith("_calls") and k.replace("_calls", "_wire_bytes") not in self.r.theory
+            for k in self.r.theory
+        ):
+            return None
         return sum(self.r.theory[k] for k in keys) if keys else None
 
 
@@ -87,6 +115,9 @@ def load_jobs(sweep: Path) -> list[Job]:
     for metrics in sorted(sweep.rglob(METRICS_FILE)):
         d = metrics.parent
         jobs.append(Job(str(d.relative_to(sweep)) or d.name, d, RunRecord.read(d), tb_losses(d)))
+    if len({j.r.seq_len for j in jobs}) > 1:
+        for j in jobs:
+            j._varies_seq = True
     return jobs
 
 
@@ -363,6 +394,69 @@ def plot_levers(jobs: list[Job], path: Path) -> bool:
     return True
 
 
+def plot_axes(jobs: list[Job], path: Path) -> bool:
+    """Bytes each job sends per step, stacked by the mesh axis they travel on: which axis carries
+    a strategy's traffic (HSDP's across replica groups is only the shards' all-reduce)."""
+    wires = [(j, j.axis_wire()) for j in jobs]
+    wires = [(j, w) for j, w in wires if w]
+    if not wires:
+        return False
+    axes = sorted({a for _, w in wires for a in w})
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(wires) + 3), 4.5))
+    bottom = [0.0] * len(wires)
+    for i, axis in enumerate(axes):
+        heights = [w.get(axis, 0.0) / MiB for _, w in wires]
+        ax.bar(range(len(wires)), heights, bottom=bottom, color=f"C{i}", label=axis)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(len(wires)), [j.label for j, _ in wires], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="MiB sent per rank per step (ring model)", title="Communication per mesh axis")
+    ax.legend(fontsize=8, title="axis")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_axis_scaling(jobs: list[Job], path: Path) -> bool:
+    """Where a sweep moves a parallel axis (cp or ep) against what it splits (sequence length,
+    experts): memory per rank and what the axis sends, one line per degree."""
+    for axis, size, what in (("ep", "experts", "experts per mixture"), ("cp", "seq_len", "sequence length")):
+        js = [j for j in jobs if getattr(j.r, size)]
+        if not any(j.r.degrees.get(axis, 1) > 1 for j in js):
+            continue
+        fig, (mem, sent) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for i, degree in enumerate(sorted({j.r.degrees.get(axis, 1) for j in js})):
+            line = sorted((getattr(j.r, size), j) for j in js if j.r.degrees.get(axis, 1) == degree)
+            xs = [x for x, _ in line]
+            mem.plot(
+                xs,
+                [j.rank_memory() or 0.0 for _, j in line],
+                marker="o",
+                color=f"C{i}",
+                label=f"{axis}={degree}",
+            )
+            sent.plot(
+                xs,
+                [j.axis_wire().get(axis, 0.0) / MiB for _, j in line],
+                marker="o",
+                color=f"C{i}",
+                label=f"{axis}={degree}",
+            )
+        mem.set(
+            xlabel=what,
+            ylabel="MiB per rank: model state + activations",
+            title=f"Memory per rank against {what}",
+        )
+        sent.set(xlabel=what, ylabel=f"MiB sent per rank per step on {axis}", title=f"What {axis} costs")
+        for a in (mem, sent):
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return True
+    return False
+
+
 def plot_bubble(jobs: list[Job], path: Path) -> bool:
     js = [j for j in jobs if j.rank_mean(Tag.BUBBLE) is not None]
     if not js:
@@ -416,6 +510,11 @@ NOTES = """## Reading this report
   adapted to the model (docs/memory.md). `memory_levers.png` plots model state + activations
   against throughput for every job, with the Pareto front: what activation checkpointing, sharding
   and compile trade. **compile s** = the first step's time less a steady step's.
+- **axes.png** stacks what each job sends per step by the mesh axis it travels on (the axis of the
+  collective's process group; `world` where it spans every rank). HSDP's traffic across replica
+  groups is the `dp_replicate` bar alone; FSDP's gathers span them all. **axis_scaling.png** (a
+  sweep of cp or ep) plots memory per rank and that axis's traffic against what it splits: context
+  parallelism against sequence length, expert parallelism against the number of experts.
 - **val loss / acc / ppl** = the last held-out evaluation (accuracy for classification, perplexity
   for language models). `val_loss.png` plots each job's held-out loss against its training wall
   time with evaluations left out: time to quality, which an oversubscribed job (hollow) distorts.
@@ -444,6 +543,10 @@ def report(sweep: Path) -> str:
         pictures.append("bubble.png")
     if plot_levers(jobs, sweep / "memory_levers.png"):
         pictures.append("memory_levers.png")
+    if plot_axes(jobs, sweep / "axes.png"):
+        pictures.append("axes.png")
+    if plot_axis_scaling(jobs, sweep / "axis_scaling.png"):
+        pictures.append("axis_scaling.png")
     text = table(rs)
     notes = timing_notes(jobs)
     md = [

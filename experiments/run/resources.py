@@ -125,7 +125,9 @@ def activation_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
     else:
         placements = [(list(range(n)), True, True)]
     data = dataset_spec(cfg.dataset)
-    counts = [predicted_activation_bytes(cfg, data, samples, *p, t=degrees.tp) for p in placements]
+    counts = [
+        predicted_activation_bytes(cfg, data, samples, *p, t=degrees.tp, cp=degrees.cp) for p in placements
+    ]
     return max((c for c in counts if c is not None), default=0.0)
 
 

@@ -145,6 +145,8 @@ def finish(run: Run, job_dir: Path) -> float:
             compile=t.compile,
             first_step_s=meter.first_step_s,
             compile_s=meter.first_step_s - step_time if t.compile else None,
+            seq_len=run.tokens_per_sample,
+            experts=int(cfg.model.get("experts", 0) or 0),
         )
         record.write(job_dir)
         write_hparams(job_dir, record)
