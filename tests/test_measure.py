@@ -316,10 +316,11 @@ def test_compare_writes_report_csv_and_plots(sweep, tmp_path):
     sweep("single-ws1", "strategy=single", "launcher=local", *MLP)
     sweep("ddp-ws2", "strategy=ddp", "launcher.nproc_per_node=2", *MLP)
     sweep("zero3-ws4", "strategy=zero3", "launcher.nproc_per_node=4", *MLP)
-    # A sweep dir of exactly these three jobs, named as a multirun names them.
+    sweep("fsdp-cp2-ws4-gpt", "strategy=fsdp", "strategy.cp=2", "launcher.nproc_per_node=4", *GPT)
+    # A sweep dir of exactly these jobs, named as a multirun names them.
     root = tmp_path / "sweep"
     root.mkdir()
-    for name in ("single-ws1", "ddp-ws2", "zero3-ws4"):
+    for name in ("single-ws1", "ddp-ws2", "zero3-ws4", "fsdp-cp2-ws4-gpt"):
         shutil.copytree(sweep.paths[name], root / name)
     proc = compare(root)
     assert proc.returncode == 0, proc.stderr
@@ -327,7 +328,17 @@ def test_compare_writes_report_csv_and_plots(sweep, tmp_path):
     assert "![memory.png](memory.png)" in report and "max loss dev vs 1 proc" in report
     csv_rows = (root / "report.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + sum(1 for p in root.iterdir() if (p / "metrics.json").exists())
-    for png in ("throughput.png", "memory.png", "comm.png", "losses.png", "val_loss.png"):
+    # The cp job's traffic splits into FSDP's (world) and the ring's (cp); it moves a parallel axis.
+    assert "![axes.png](axes.png)" in report and "![axis_scaling.png](axis_scaling.png)" in report
+    for png in (
+        "throughput.png",
+        "memory.png",
+        "comm.png",
+        "losses.png",
+        "val_loss.png",
+        "axes.png",
+        "axis_scaling.png",
+    ):
         assert (root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![val_loss.png](val_loss.png)" in report
     import csv

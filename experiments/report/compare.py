@@ -419,37 +419,41 @@ def plot_axes(jobs: list[Job], path: Path) -> bool:
 
 def plot_axis_scaling(jobs: list[Job], path: Path) -> bool:
     """Where a sweep moves a parallel axis (cp or ep) against what it splits (sequence length,
-    experts): memory per rank and what the axis sends, one line per degree."""
-    for axis, size, what in (("ep", "experts", "experts per mixture"), ("cp", "seq_len", "sequence length")):
+    experts): memory per rank (model state, and with activations) and what the axis's own
+    collective sends (the ring's sends, the all-to-all), one line per degree."""
+    axes = (
+        ("ep", "experts", "experts per mixture", "all_to_all"),
+        ("cp", "seq_len", "sequence length", "send"),
+    )
+    for axis, size, what, coll in axes:
         js = [j for j in jobs if getattr(j.r, size)]
         if not any(j.r.degrees.get(axis, 1) > 1 for j in js):
             continue
         fig, (mem, sent) = plt.subplots(1, 2, figsize=(11, 4.5))
         for i, degree in enumerate(sorted({j.r.degrees.get(axis, 1) for j in js})):
-            line = sorted((getattr(j.r, size), j) for j in js if j.r.degrees.get(axis, 1) == degree)
-            xs = [x for x, _ in line]
+            line = sorted(
+                ((getattr(j.r, size), j) for j in js if j.r.degrees.get(axis, 1) == degree),
+                key=lambda p: p[0],
+            )
+            xs, label = [x for x, _ in line], f"{axis}={degree}"
+            state = [(j.rank_max(Tag.MODEL_STATE_BYTES) or 0.0) / MiB for _, j in line]
+            mem.plot(xs, state, marker="o", color=f"C{i}", label=f"{label}: model state")
             mem.plot(
                 xs,
                 [j.rank_memory() or 0.0 for _, j in line],
                 marker="o",
+                ls="--",
                 color=f"C{i}",
-                label=f"{axis}={degree}",
+                label=f"{label}: + activations",
             )
-            sent.plot(
-                xs,
-                [j.axis_wire().get(axis, 0.0) / MiB for _, j in line],
-                marker="o",
-                color=f"C{i}",
-                label=f"{axis}={degree}",
-            )
+            wire = [(j.rank_mean(Tag.comm(coll, "wire_bytes")) or 0.0) / MiB for _, j in line]
+            sent.plot(xs, wire, marker="o", color=f"C{i}", label=label)
         mem.set(
-            xlabel=what,
-            ylabel="MiB per rank: model state + activations",
-            title=f"Memory per rank against {what}",
+            xlabel=what, ylabel="MiB per rank (the fullest rank)", title=f"Memory per rank against {what}"
         )
-        sent.set(xlabel=what, ylabel=f"MiB sent per rank per step on {axis}", title=f"What {axis} costs")
+        sent.set(xlabel=what, ylabel=f"MiB sent per rank per step by {coll}", title=f"What {axis} sends")
         for a in (mem, sent):
-            a.legend(fontsize=8)
+            a.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
