@@ -114,8 +114,9 @@ def expert_meshes(mesh: DeviceMesh, ep: int, replicate: bool) -> tuple[DeviceMes
         _register(out[d], d)
     dims = ("dp_shard_mod_ep", "cp") if mesh["cp"].size() > 1 else ("dp_shard_mod_ep",)
     experts = flat(out, *dims)
-    if replicate:
-        experts = out["dp_replicate", experts.mesh_dim_names[0]]  # type: ignore[index]
+    if replicate:  # a flattened dim (with cp) is the root's to slice by name
+        name = experts.mesh_dim_names[0]  # type: ignore[index]
+        experts = (mesh if len(dims) > 1 else out)["dp_replicate", name]
     return experts, out["ep"]
 
 

@@ -243,6 +243,8 @@ FULL = [
     Case("hsdp", 4, MOE, ("strategy.ep=2",)),
     Case("fsdp", 4, MOE, ("strategy.cp=2", "strategy.ep=2")),
     Case("fsdp", 2, LLAMA, ("strategy.cp=2", "train.grad_accum_steps=2")),
+    Case("fsdp_tp", 4, LLAMA, ("strategy.dp_replicate=2",)),  # HSDP × TP
+    Case("fsdp_tp_pp", 8, LLAMA, ("strategy.cp=2",)),  # PP × CP × TP
 ]
 
 

@@ -54,6 +54,9 @@ MATRIX = [
     # The same machinery as zero3 (FSDP2) and pp (pipelining), for make test-full's budget.
     *(pytest.param(Case(s, 2), marks=pytest.mark.full) for s in ("zero2", "mp")),
     pytest.param(Case("hsdp", 4), marks=pytest.mark.full),  # 2 replica groups × 2 shards
+    # The ring's ranks, and experts saved and loaded as DTensors split over ep.
+    pytest.param(Case("fsdp", 4, G, ("strategy.cp=2",)), marks=pytest.mark.full),
+    pytest.param(Case("fsdp", 4, parity.MOE, ("strategy.ep=2",)), marks=pytest.mark.full),
     Case("pp", 2, G),
     Case("fsdp_tp", 4, G),
     Case("ddp_pp", 4, G),

@@ -1,6 +1,7 @@
 """`make gpu-check`: the CUDA path, exercised end to end in a few minutes, one PASS/FAIL line per check.
 
-NCCL under ddp, fsdp, tp, pp and fsdp_tp (each against one GPU's losses), CUDA memory against
+NCCL under ddp, fsdp, tp, pp, fsdp_tp and fsdp with context parallelism (torch's ring; each
+against one GPU's losses), CUDA memory against
 theory (and the peak reset after setup), MFU, bf16 (DataParallel's replica threads included), the
 pipeline bubble from CUDA events, the ranks-per-GPU check and pinned batches. Checks that need
 more GPUs than the machine has say SKIP with the number they need. On a machine without CUDA it
@@ -234,6 +235,8 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
         ("nccl tp", nccl("tp", 0)),
         ("nccl pp", nccl("pp", 2)),
         ("nccl fsdp_tp", nccl("fsdp_tp", 4)),
+        # torch's context_parallel ring over NCCL (CPU runs paralab's own), against one GPU.
+        ("nccl fsdp cp (torch context_parallel)", nccl("fsdp", 2, "strategy.cp=2")),
         ("cuda memory vs theory", memory),
         ("fsdp offload", offload),
         ("activations and checkpointing", activations),

@@ -198,10 +198,8 @@ def apply_cp(model: nn.Module, cp_mesh: DeviceMesh, seq_len: int, device: torch.
 
 def _torch_context_parallel(cp_mesh: DeviceMesh) -> AbstractContextManager:
     """torch's ring for scaled_dot_product_attention on CUDA. The sequences come in already split
-    head-tail (apply_cp), which is the layout its causal load balancing expects, so no buffer is
-    handed to it to shard."""
+    head-tail (apply_cp), the layout its causal load balancing (on by default) expects, so no
+    buffer is handed to it to shard."""
     from torch.distributed.tensor.experimental import context_parallel
-    from torch.distributed.tensor.experimental._attention import _cp_options
 
-    _cp_options.enable_load_balance = True
     return context_parallel(cp_mesh)
