@@ -167,7 +167,6 @@ MATRIX = [
     Case("ddp", 2, extra=("strategy.gradient_as_bucket_view=true", "strategy.bucket_cap_mb=0.01")),
     Case("ddp", 4, CNN),
     Case("ddp", 2, RESNET),
-    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
     Case("fsdp", 2, extra=("train.optimizer=adamw", "train.lr=0.01")),
     # Momentum and weight decay are optimizer state and math that ZeRO-1 shards; cosine with warmup.
     Case(
@@ -195,11 +194,9 @@ MATRIX = [
     Case("tp", 2, LLAMA, ("train.precision=bf16",)),
     Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true",)),
     Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b",)),
-    Case("fsdp_tp", 4, LLAMA),
     Case("ddp_pp", 4, LLAMA),
     Case("ddp", 2, MOE),
     Case("fsdp", 2, MOE, ("model.top_k=1",)),
-    Case("pp", 2, ZOO),
 ]
 # DeepSpeed's engine (an optional extra): ZeRO-3 in make test, every stage and AdamW in full. The
 # parameter server over torch.distributed.rpc.
@@ -208,6 +205,11 @@ MATRIX += [
     Case("ps", 2),
 ]
 FULL = [
+    # Moved here for make test's 8 minutes: ddp-ws2-resnet18 keeps synchronised BatchNorm, the
+    # cp case fsdp_tp-ws4-llama, the pipelined zoo its AC case in AC_FULL and pp's GPT cases.
+    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
+    Case("fsdp_tp", 4, LLAMA),
+    Case("pp", 2, ZOO),
     Case("fsdp", 4, MOE, ("train.grad_accum_steps=2",)),
     *(Case(s, 2, MOE) for s in ("zero1", "zero3")),
     # No bf16 case for the mixture: on this tiny model autocast moves its losses by ~1e-4, less than
@@ -257,6 +259,11 @@ AC_MATRIX = [
     Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", MEASURE_4, "train.ac=full")),
 ]
 AC_FULL = [
+    # Moved here for make test's 8 minutes: ddp-ws2-resnet18 keeps synchronised BatchNorm, the
+    # cp case fsdp_tp-ws4-llama, the pipelined zoo its AC case in AC_FULL and pp's GPT cases.
+    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
+    Case("fsdp_tp", 4, LLAMA),
+    Case("pp", 2, ZOO),
     Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
     Case("zero1", 2, extra=("train.ac=full",)),
     Case("zero2", 2, extra=("train.ac=selective",)),
@@ -587,6 +594,11 @@ def test_activation_checkpointing_is_the_same_run_full(case, runs):
 # of the eager one, not on it: 1.6e-7 at most on these losses (measured), well inside the fp32
 # tolerance every strategy meets. Compiling takes ~10-30 s per job here: make test-full only.
 COMPILE_FULL = [
+    # Moved here for make test's 8 minutes: ddp-ws2-resnet18 keeps synchronised BatchNorm, the
+    # cp case fsdp_tp-ws4-llama, the pipelined zoo its AC case in AC_FULL and pp's GPT cases.
+    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
+    Case("fsdp_tp", 4, LLAMA),
+    Case("pp", 2, ZOO),
     Case("ddp", 2, LLAMA, ("train.compile=true",)),
     Case("fsdp", 2, LLAMA, ("train.compile=true", "train.ac=selective")),
     Case("tp", 2, LLAMA, ("train.compile=true",)),

@@ -58,8 +58,9 @@ MATRIX = [
     pytest.param(Case("fsdp", 4, G, ("strategy.cp=2",)), marks=pytest.mark.full),
     pytest.param(Case("fsdp", 4, parity.MOE, ("strategy.ep=2",)), marks=pytest.mark.full),
     Case("pp", 2, G),
-    Case("fsdp_tp", 4, G),
-    Case("ddp_pp", 4, G),
+    # 2D hybrids (their parts resume in make test above): make test-full's budget.
+    pytest.param(Case("fsdp_tp", 4, G), marks=pytest.mark.full),
+    pytest.param(Case("ddp_pp", 4, G), marks=pytest.mark.full),
     Case("ps", 2),
     pytest.param(Case("fsdp_tp_pp", 8, G), marks=pytest.mark.full),  # 8 processes: make test-full
 ]
