@@ -70,14 +70,14 @@ def _register(mesh: DeviceMesh, name: str) -> None:
 
 
 def axis_of(group_name: str) -> str:
-    """The axis a process group serves (`world` for the default group, `other` if unknown)."""
-    if dist.is_initialized() and group_name == dist.group.WORLD.group_name:  # type: ignore[union-attr]
-        return WORLD
+    """The axis a process group serves (`world` for the default group, `other` if unknown); also
+    once the process group is destroyed (a failure's diagnosis reads it then)."""
     return _AXES.get(group_name, "other")
 
 
 def build_mesh(degrees: Degrees, device_type: str) -> DeviceMesh:
     shape = tuple(getattr(degrees, d) for d in DIMS)
+    _AXES[dist.group.WORLD.group_name] = WORLD  # type: ignore[union-attr]
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=DIMS)
     for d in DIMS:
         _register(mesh[d], d)

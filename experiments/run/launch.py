@@ -82,6 +82,9 @@ def launch(cfg: LauncherConfig, job_dir: Path, frozen: str | None = None) -> Non
 
     _preload_forkserver(cfg)
     started = time.time()
+    from experiments.measure import flight
+
+    flight.clear(job_dir)  # the ranks of an earlier run of this job dir may have left reports
     if cfg.name == "local":
         try:
             worker.main(str(job_dir))
@@ -99,6 +102,15 @@ def launch(cfg: LauncherConfig, job_dir: Path, frozen: str | None = None) -> Non
         _spawn(cfg, job_dir, worker.spawn_entry, started)
     else:
         _elastic(cfg, job_dir, worker.main, started, frozen)
+
+
+def _hang_line(job_dir: Path) -> str | None:
+    """The ranks' diagnosis of a hang, if they made one: it names the stuck rank, which the first
+    failure torch reports (a waiting rank's timeout, or the stuck one's death) does not."""
+    from experiments.measure.flight import read_diagnosis
+
+    line = read_diagnosis(job_dir)
+    return None if line is None else f"{line}; details in {job_dir / 'train.log'}"
 
 
 def _spawn(cfg: LauncherConfig, job_dir: Path, entry, started: float) -> None:
@@ -358,6 +370,10 @@ def _raise_if_disk_full(job_dir: Path) -> None:
 def _child_failed(e, job_dir: Path) -> JobFailed:
     """torch's ChildFailedError as one line naming the rank that failed first and how."""
     _raise_if_disk_full(job_dir)
+    hang = _hang_line(job_dir)
+    if hang is not None:
+        _say(job_dir, hang, e.format_msg() + "\n")
+        return JobFailed(hang, 1)
     rank, failure = e.get_first_failure()
     when = time.strftime("%H:%M:%S", time.localtime(failure.timestamp))
     # A rank's own error (from its error file) explains the failure; a signal leaves no such file.
@@ -390,6 +406,10 @@ def _spawn_failed(e, job_dir: Path) -> JobFailed:
     """torch.multiprocessing's ProcessExitedException / ProcessRaisedException as one line."""
     import torch.multiprocessing as mp
 
+    hang = _hang_line(job_dir)
+    if hang is not None:
+        _say(job_dir, hang, f"{e.msg}\n")
+        return JobFailed(hang, 1)
     when = time.strftime("%H:%M:%S")
     if isinstance(e, mp.ProcessExitedException):
         line = f"rank {e.error_index} {_how(e.exit_code)} at {when}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from experiments.config.schema import FROZEN_CONFIG, load_frozen
+from experiments.measure import flight
 from experiments.measure.log import LOG_FILE, file_logger, setup_rank_logging
 from experiments.run.nodes import check_one_job
 from experiments.train import signals
@@ -68,8 +68,10 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
         )
     joined = False
     try:
+        flight.enable()
         init_distributed(env, device, cfg.launcher.timeout_s)
         joined = True
+        flight.register(path, env.rank)
         if env.world_size > env.local_world_size:
             host, problem = check_one_job(cfg, path, env.rank)
             if problem:
@@ -96,7 +98,7 @@ def main(job_dir: str, launcher_pid: int | None = None, frozen: str | None = Non
         file_logger().warning("stopped by SIGINT")
         raise SystemExit(128 + signal.SIGINT) from None
     except Exception as e:
-        failure = describe_failure(e, env.rank, cfg.launcher.timeout_s, joined)
+        failure = describe_failure(e, env.rank, cfg.launcher.timeout_s, joined, path, env.world_size)
         if failure is None:
             raise
         message, peer_lost = failure
@@ -235,11 +237,17 @@ _PEER_LOST = re.compile(
 
 
 def describe_failure(
-    e: BaseException, rank: int, timeout_s: float, joined: bool = True
+    e: BaseException,
+    rank: int,
+    timeout_s: float,
+    joined: bool = True,
+    job_dir: Path | None = None,
+    world: int = 1,
 ) -> tuple[str, bool] | None:
     """One line for a communication failure (and whether a peer died first), or None for others.
 
     `joined`: whether the rank got past init_process_group (else the rendezvous is what failed).
+    A collective's timeout in a job dir is diagnosed across the ranks (experiments/measure/flight.py).
     """
     text = str(e)
     if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and _COMM.search(text))):
@@ -247,9 +255,12 @@ def describe_failure(
     if not (_TIMEOUT.search(text) or _PEER_LOST.search(text)):
         return None
     if joined:
-        op = pending_collective() or "a collective"
+        c = flight.last_collective()
+        op = "a collective" if c is None else f"{c['op']} #{c['seq']} on {c['axis']}"
     else:
         op = "init_process_group (the ranks' rendezvous)"
+    if _TIMEOUT.search(text) and joined and job_dir is not None:
+        return f"rank {rank}: {flight.diagnose_and_end(job_dir, rank, world, timeout_s)}", False
     if _TIMEOUT.search(text):
         return (
             f"rank {rank}: {op} timed out after {timeout_s:g} s waiting for a peer rank "
@@ -257,25 +268,6 @@ def describe_failure(
             False,
         )
     return f"rank {rank}: lost its connection to a peer rank in {op}; another rank died first", True
-
-
-def pending_collective() -> str | None:
-    """The collective this rank was waiting in, from torch's flight recorder (None if unknown)."""
-    try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
-
-        entries = json.loads(_dump_fr_trace_json(True, False)).get("entries", [])
-    except Exception:  # noqa: BLE001 - a best-effort detail of an error message
-        return None
-    pending = [e for e in entries if not e.get("retired", True)] or entries[-1:]
-    if not pending:
-        return None
-    e = pending[0]
-    name = str(e.get("profiling_name", "a collective")).split(":", 1)[-1]
-    group = e.get("process_group", ["", ""])
-    seq = e.get("p2p_seq_id") if e.get("is_p2p") else e.get("collective_seq_id")
-    sizes = e.get("input_sizes") or []
-    return f"{name} #{seq} of group {group[1] or group[0]} (input sizes {sizes})"
 
 
 # ---- `torchrun --nproc_per_node=N train.py ...` run by hand: rank 0 runs Hydra, the rest follow. ----

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from experiments.config.schema import TrainConfig
+from experiments.measure import flight
 from experiments.measure.activations import SavedActivations
 from experiments.measure.counters import CommCounter, GatheredParams, peak_memory_bytes, reset_peak_memory
 from experiments.measure.metrics import TensorBoardSink
@@ -253,6 +254,7 @@ class Meter:
     def begin(self, step: int) -> Callable[[], None] | None:
         """Before the step; returns the probe to run between backward and the optimizer step."""
         self.lrs.append(self.state.scheduler.get_last_lr()[0])
+        flight.note_step(step)
         if self.clean(step):
             if self.mark is None:
                 self.mark = time.perf_counter()
