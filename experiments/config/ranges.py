@@ -61,6 +61,8 @@ BOUNDS: dict[str, Bound] = {
     "train.measure_every": AT_LEAST_0,
     "train.peak_tflops": AT_LEAST_0,
     "train.eval_every": AT_LEAST_0,
+    "train.profile_from": AT_LEAST_1,
+    "train.profile_steps": AT_LEAST_1,
     "train.eval_samples": Bound(-1),  # -1: the whole held-out split
     "strategy.tp": AT_LEAST_1,
     "strategy.pp": AT_LEAST_1,

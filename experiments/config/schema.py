@@ -119,6 +119,15 @@ class TrainConfig:
     ac_every: int = 1
     # torch.compile each block's forward (inductor); its compile time is logged apart from steps.
     compile: bool = False
+    # torch.profiler over `profile_steps` steps from `profile_from` on every rank: a Chrome trace per
+    # rank in <job dir>/traces/, and the step split into compute, exposed and overlapped
+    # communication per mesh axis, bubble and other (time/*). Those steps leave the throughput.
+    profile: bool = False
+    profile_from: int = 4
+    profile_steps: int = 2
+    # CUDA only: torch.cuda.memory's snapshot of the sampled steps, per rank, in <job dir>/memory/
+    # (open at pytorch.org/memory_viz).
+    memory_snapshot: bool = False
 
 
 @dataclass

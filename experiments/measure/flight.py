@@ -55,17 +55,23 @@ def register(job_dir: Path, rank: int) -> None:
     (d / f"pid{rank}").write_text(f"{socket.gethostname()} {os.getpid()}")
 
 
-def last_collective() -> dict | None:
-    """The newest entry of this rank's flight recorder: op, process group, mesh axis, sequence number."""
+def recorded() -> list[dict]:
+    """This rank's flight recorder entries, oldest first ([] when off)."""
     try:
         from torch._C._distributed_c10d import _dump_fr_trace_json
 
         entries = json.loads(_dump_fr_trace_json(True, False)).get("entries", [])
-    except Exception:  # noqa: BLE001 - a best-effort detail of an error message
-        return None
+    except Exception:  # noqa: BLE001 - no recorder, no entries
+        return []
+    return sorted(entries, key=lambda e: e.get("record_id", 0))
+
+
+def last_collective() -> dict | None:
+    """The newest entry of this rank's flight recorder: op, process group, mesh axis, sequence number."""
+    entries = recorded()
     if not entries:
         return None
-    e = max(entries, key=lambda e: e.get("time_created_ns", 0))
+    e = entries[-1]
     group = (e.get("process_group") or ["", ""])[0]
     seq = e.get("p2p_seq_id") if e.get("is_p2p") else e.get("collective_seq_id")
     return {

@@ -30,7 +30,7 @@ class TensorBoardSink:
     """
 
     def __init__(self, job_dir: Path, rank: int, total_steps: int, purge_step: int | None = None) -> None:
-        self.rank, self.total = rank, total_steps
+        self.rank, self.total, self.job_dir = rank, total_steps, job_dir
         # A log step queues one event per step of its interval, and more on sampled steps. With
         # torch's default queue of 10, the 11th waited for TensorBoard's thread to checksum the
         # others in pure Python: ~0.45 ms per log step on 2 ranks. Long enough, the queue never blocks.

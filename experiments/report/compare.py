@@ -461,6 +461,34 @@ def plot_axis_scaling(jobs: list[Job], path: Path) -> bool:
     return False
 
 
+def plot_time(jobs: list[Job], path: Path) -> bool:
+    """One stacked bar per profiled job (train.profile): its step split into compute, exposed
+    communication per mesh axis, the pipeline's bubble and the rest, the mean over its ranks."""
+    js = [j for j in jobs if j.rank_mean("time/step") is not None]
+    if not js:
+        return False
+    exposed = sorted(
+        {k for j in js for r in j.r.ranks for k in (r or {}) if k.startswith("time/exposed_comm/")}
+    )
+    parts = ["time/compute", *exposed, "time/bubble", "time/other"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(js) + 3), 4.5))
+    bottom = [0.0] * len(js)
+    for i, part in enumerate(parts):
+        ms = [1000 * (j.rank_mean(part) or 0.0) for j in js]
+        if not any(ms):
+            continue
+        label = part.removeprefix("time/").replace("exposed_comm/", "exposed comm: ")
+        ax.bar(range(len(js)), ms, bottom=bottom, color=f"C{i}", label=label)
+        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
+    ax.set_xticks(range(len(js)), [j.label for j in js], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="ms per step (profiled steps, mean over ranks)", title="Where the step's time goes")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_bubble(jobs: list[Job], path: Path) -> bool:
     js = [j for j in jobs if j.rank_mean(Tag.BUBBLE) is not None]
     if not js:
@@ -519,6 +547,9 @@ NOTES = """## Reading this report
   groups is the `dp_replicate` bar alone; FSDP's gathers span them all. **axis_scaling.png** (a
   sweep of cp or ep) plots memory per rank and that axis's traffic against what it splits: context
   parallelism against sequence length, expert parallelism against the number of experts.
+- **time.png** (jobs run with `train.profile=true`) stacks each job's profiled step: compute,
+  communication left exposed per mesh axis (what the step waits for), the pipeline's bubble and
+  the rest (docs/measurement.md: where the time goes). Overlapped communication is in metrics.json.
 - **val loss / acc / ppl** = the last held-out evaluation (accuracy for classification, perplexity
   for language models). `val_loss.png` plots each job's held-out loss against its training wall
   time with evaluations left out: time to quality, which an oversubscribed job (hollow) distorts.
@@ -547,6 +578,8 @@ def report(sweep: Path) -> str:
         pictures.append("bubble.png")
     if plot_levers(jobs, sweep / "memory_levers.png"):
         pictures.append("memory_levers.png")
+    if plot_time(jobs, sweep / "time.png"):
+        pictures.append("time.png")
     if plot_axes(jobs, sweep / "axes.png"):
         pictures.append("axes.png")
     if plot_axis_scaling(jobs, sweep / "axis_scaling.png"):

@@ -141,6 +141,7 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
     check_plans(cfg, degrees, spec, model)
     check_levers(cfg, model, spec.no_compile, spec.pipelined)
     _check_offload(cfg)
+    _check_profile(cfg)
     return degrees
 
 
@@ -150,4 +151,19 @@ def _check_offload(cfg: Config) -> None:
         raise ConfigError(
             "strategy.offload=true moves parameters, gradients and optimizer state from GPU to host "
             "memory; on CPU they are there already (FSDP2's CPUOffloadPolicy needs CUDA): drop it"
+        )
+
+
+def _check_profile(cfg: Config) -> None:
+    t = cfg.train
+    last = t.profile_from + t.profile_steps - 1
+    if t.profile and last > t.steps:
+        raise ConfigError(
+            f"train.profile traces steps {t.profile_from}..{last}, past train.steps={t.steps}; lower "
+            "train.profile_from or train.profile_steps"
+        )
+    if t.memory_snapshot and not uses_cuda(t.device):
+        raise ConfigError(
+            "train.memory_snapshot=true records CUDA allocations (torch.cuda.memory); on CPU there are "
+            "none to record: drop it, or run on GPUs"
         )

@@ -31,6 +31,7 @@ from experiments.measure import flight
 from experiments.measure.activations import SavedActivations
 from experiments.measure.counters import CommCounter, GatheredParams, peak_memory_bytes, reset_peak_memory
 from experiments.measure.metrics import TensorBoardSink
+from experiments.measure.profiling import StepProfiler, snapshot_on, write_snapshot
 from experiments.measure.record import Tag
 from experiments.train import signals
 from experiments.train.evaluate import EvalResult
@@ -166,6 +167,7 @@ class Meter:
         progress: dict[str, Any] | None = None,
         aux_terms: list[Tensor] | None = None,
         pipelined: bool = False,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.t, self.env, self.device, self.state = t, env, device, state
         self.batches, self.sink, self.theory, self.rates = batches, sink, theory, rates
@@ -175,6 +177,10 @@ class Meter:
         self.gathered = GatheredParams(state.model)
         self.saved = SavedActivations(state.model)
         self.pipelined = pipelined
+        # train.profile's steps: traced, split, and left out of the throughput like sampled ones.
+        self.profiler = profiler
+        self.time_split: dict[str, float] = {}
+        self.snapshots = t.memory_snapshot and device.type == "cuda"
         self._cuda_peak_fwd_bwd: int | None = None
         self.timing_meaningful, self.timing_note = timing_check(env, device)
         self.check_syncs = t.check_syncs and device.type == "cuda"
@@ -226,9 +232,14 @@ class Meter:
     # ---- the schedule ----
     def sampled(self, step: int) -> bool:
         t = self.t
+        if self.profiled(step):
+            return False  # a profiled step shows the step as it runs, without the counters
         # Step 1 pays for lazy init, step 2 for DDP's bucket rebuild (a one-time broadcast): the
         # first sample is the first steady step.
         return t.measure_every > 0 and (step == min(3, t.steps) or step % t.measure_every == 0)
+
+    def profiled(self, step: int) -> bool:
+        return self.profiler is not None and self.profiler.covers(step)
 
     def logs(self, step: int) -> bool:
         t = self.t
@@ -241,7 +252,12 @@ class Meter:
 
     def clean(self, step: int) -> bool:
         # The first step of a run (or of a resumed run) pays for lazy init and warm-up.
-        return step > self.first_step and step != self.cold_step and not self.sampled(step)
+        return (
+            step > self.first_step
+            and step != self.cold_step
+            and not self.sampled(step)
+            and not self.profiled(step)
+        )
 
     def start(self) -> None:
         """The loop's clock starts here, with every rank: the first step must not time another
@@ -262,8 +278,13 @@ class Meter:
                 torch.cuda.set_sync_debug_mode("error")
             return None
         self._pause()
+        if self.profiled(step):
+            self.profiler.begin(step)  # type: ignore[union-attr]
+            return None
         if not self.sampled(step):
             return None
+        if self.snapshots:
+            snapshot_on(True)
         self.gathered.arm(True)
         # The allocator counts on the host, as ops are issued: no sync needed for a step's own peak.
         reset_peak_memory(self.device, self.rates.devices_per_rank)
@@ -321,6 +342,11 @@ class Meter:
             self.aux_terms.clear()
         data_s = self.batches.take()
         busy = self.busy_seconds() if self.busy_seconds is not None else None
+        if self.profiled(step):
+            split = self.profiler.end(step)  # type: ignore[union-attr]
+            if split:
+                self.time_split = split
+                self.sink.scalars(step, split)
         if self.clean(step):
             self.clean_steps += 1
             self.data_s += data_s
@@ -348,6 +374,10 @@ class Meter:
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
         self.gathered.arm(False)
+        if self.snapshots:
+            path = write_snapshot(self.sink.job_dir, self.env.rank, step)
+            snapshot_on(False)
+            self.log.info("CUDA memory snapshot of step %d: %s (pytorch.org/memory_viz)", step, path)
         model, opt = self.state.model, self.state.optimizer
         if self._engine_memory is not None:
             params_bytes, optim_bytes = self._engine_memory["params"], self._engine_memory["optim"]
@@ -523,7 +553,7 @@ class Meter:
 
     def rank_summary(self) -> dict[str, Any]:
         """This rank's entry in metrics.json: its last sample, its own predictions, its mean bubble."""
-        mine: dict[str, Any] = {"rank": self.env.rank, **self.last_sample, **self.theory}
+        mine: dict[str, Any] = {"rank": self.env.rank, **self.last_sample, **self.theory, **self.time_split}
         mine["layout"] = layout(self.state.model, self.state.optimizer)
         if self.bubble_n:
             mine[Tag.BUBBLE] = self.bubble_sum / self.bubble_n

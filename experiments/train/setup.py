@@ -19,6 +19,7 @@ from experiments.config.schema import Config
 from experiments.measure.flops import peak_flops_per_s, training_flops_per_sample
 from experiments.measure.metrics import TensorBoardSink
 from experiments.measure.predict import predict
+from experiments.measure.profiling import StepProfiler
 from experiments.train import checkpoint
 from experiments.train.evaluate import Evaluator
 from experiments.train.meter import Meter, Rates, TimedBatches
@@ -173,6 +174,11 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         progress=progress,
         aux_terms=aux_terms,
         pipelined=strategy.pipelined,
+        profiler=StepProfiler(
+            t, job_dir, env.rank, device, degrees.axis("pp") if strategy.pipelined else None
+        )
+        if t.profile
+        else None,
     )
     log.info(
         "strategy=%s degrees=%s world=%d dp_rank=%d/%d device=%s threads=%d params=%d",

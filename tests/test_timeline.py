@@ -1,0 +1,110 @@
+"""Where the time goes (train.profile): each rank's Chrome trace, the step split read from it, and
+the split checked where the answer is known: by construction on a timeline drawn by hand, and on
+real gloo runs whose difference is known (DDP's one bucket cannot overlap backward, many can)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import pytest
+
+from experiments.measure.timeline import _sweep, split
+from experiments.report.parity import run_case
+from tests.helpers import SharedJobs, compare
+
+GPT = [
+    "model=transformer",
+    "dataset=tokens",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.layers=4",
+    "dataset.seq_len=32",
+    "dataset.vocab_size=64",
+    "train.steps=6",
+    "train.global_batch_size=8",
+    "dataset.num_samples=64",
+    "train.profile=true",
+    "train.profile_from=4",
+    "train.profile_steps=2",
+    "train.eval_samples=0",
+    "train.objective=train_loss",
+    "launcher=torchrun",
+]
+# Parts of the split other than overlapped communication, which lies under compute.
+TOLERANCE = 1e-9  # the split partitions the profiled window: only float sums differ
+
+
+def parts(r: dict) -> float:
+    return sum(
+        v for k, v in r.items() if k.startswith("time/") and k not in ("time/step",) and "overlapped" not in k
+    )
+
+
+def test_the_split_of_a_known_timeline():
+    """Compute 0-10 ms, a collective on dp 5-15 ms, nothing 15-20: 10 compute (5 overlapped), 5
+    exposed, 5 other. Delaying the collective by 3 ms adds exactly 3 ms of exposed time."""
+    ms = 1000.0  # trace times are microseconds
+    base = _sweep((0, 20 * ms), 1, [(0, 10 * ms)], [(5 * ms, 15 * ms, "dp_shard")], None)
+    assert base.compute_s == pytest.approx(0.010) and base.other_s == pytest.approx(0.005)
+    assert base.exposed_s == pytest.approx({"dp_shard": 0.005})
+    assert base.overlapped_s == pytest.approx({"dp_shard": 0.005})
+    late = _sweep((0, 20 * ms), 1, [(0, 10 * ms)], [(5 * ms, 18 * ms, "dp_shard")], None)
+    assert late.exposed_s["dp_shard"] - base.exposed_s["dp_shard"] == pytest.approx(0.003)
+    # Two axes at once: the instant goes to the collective that started first, never twice.
+    both = _sweep((0, 20 * ms), 1, [], [(0, 10 * ms, "tp"), (5 * ms, 20 * ms, "dp_shard")], None)
+    assert both.exposed_s == pytest.approx({"tp": 0.010, "dp_shard": 0.010})
+    # A pipeline rank's idle time is its bubble.
+    pp = _sweep((0, 20 * ms), 1, [(0, 10 * ms)], [], "pp")
+    assert pp.bubble_s == pytest.approx(0.010) and pp.other_s == 0
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    shared = SharedJobs(tmp_path_factory, "timeline")
+    return lambda *overrides: shared.get([*GPT, *overrides], run_case)
+
+
+def test_every_rank_writes_a_trace_and_the_split_is_the_step(jobs):
+    m, job = jobs("strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=0.01")
+    for r in m["ranks"]:
+        with gzip.open(job / "traces" / f"rank{r['rank']}.pt.trace.json.gz", "rt") as f:
+            trace = json.load(f)
+        marks = [
+            e["name"] for e in trace["traceEvents"] if str(e.get("name", "")).startswith("ProfilerStep#")
+        ]
+        assert sorted(marks) == ["ProfilerStep#4", "ProfilerStep#5"], marks
+        # Read again from the file, the split is the one the run logged.
+        again = split(trace, [], None)
+        assert again is not None and again.step_s == pytest.approx(r["time/step"])
+        assert again.compute_s == pytest.approx(r["time/compute"])
+        assert abs(parts(r) - r["time/step"]) <= TOLERANCE * r["time/step"], r
+        assert r["time/compute"] > 0 and r["time/exposed_comm/world"] > 0
+
+
+def test_many_ddp_buckets_overlap_backward_and_one_cannot(jobs, tmp_path):
+    one, one_dir = jobs("strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=100")
+    many, many_dir = jobs("strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=0.01")
+    for a, b in zip(one["ranks"], many["ranks"], strict=True):
+        # One bucket is all-reduced once backward is over: nothing of it runs under compute.
+        assert a.get("time/overlapped_comm/world", 0.0) == 0.0, a
+        assert b["time/overlapped_comm/world"] > 0.0, b
+    # The compare report draws the split, one stacked bar per job.
+    root = tmp_path / "sweep"
+    root.mkdir()
+    for name, d in (("one", one_dir), ("many", many_dir)):
+        shutil.copytree(d, root / name)
+    proc = compare(root)
+    assert proc.returncode == 0, proc.stderr
+    assert "![time.png](time.png)" in (root / "report.md").read_text()
+    assert (root / "time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.full
+def test_tensor_parallel_collectives_sit_on_the_critical_path(jobs):
+    """fsdp_tp at 4 ranks: TP's all-reduces and FSDP's gathers each show on their own axis."""
+    m, _ = jobs("strategy=fsdp_tp", "launcher.nproc_per_node=4")
+    for r in m["ranks"]:
+        assert r["time/exposed_comm/tp"] > 0 and r["time/exposed_comm/dp_shard"] > 0, r
+        assert abs(parts(r) - r["time/step"]) <= TOLERANCE * r["time/step"], r
