@@ -158,6 +158,10 @@ TABLE = [
     Bad(("dataset.val_samples=1000000000000",), "lower dataset.num_samples or dataset.val_samples"),
     # HSDP
     Bad(("strategy=hsdp", "strategy.dp_replicate=3"), "dp_replicate=3 = 3 ranks, but the launcher gives 2"),
+    # Where the time goes (issue 24)
+    Bad(("train.memory_snapshot=true",), "train.memory_snapshot=true records CUDA allocations"),
+    Bad(("train.profile=true", "train.profile_from=300"), "past train.steps=200"),
+    Bad(("train.profile_steps=0",), "train.profile_steps"),
     # Context and expert parallelism (issue 22)
     Bad(("strategy=fsdp", "strategy.cp=2", *GPT, "dataset.seq_len=6"), "2·cp = 4 chunks"),
     Bad(("strategy=fsdp", "strategy.cp=2"), "model=mlp has none"),

@@ -182,6 +182,30 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
             raise AssertionError(f"busy {busy}, bubble {frac}")
         return f"gpipe, 2 stages, 4 microbatches: bubble {frac[-1]:.2f} (theory 0.20) from CUDA events"
 
+    def profile_and_snapshot() -> str:
+        world = min(gpus, 2)
+        m = _job(
+            root,
+            "ddp_profile",
+            "strategy=ddp",
+            *_launch(world),
+            "train.profile=true",
+            "train.memory_snapshot=true",
+        )
+        r = m["ranks"][0]
+        parts = sum(
+            v for k, v in r.items() if k.startswith("time/") and k != "time/step" and "overlapped" not in k
+        )
+        if abs(parts - r["time/step"]) > 1e-6 * r["time/step"] or r["time/compute"] <= 0:
+            raise AssertionError(f"the step split does not add up: {parts} of {r['time/step']}")
+        snaps = list((root / "ddp_profile" / "memory").glob("rank0_step*.pickle"))
+        if not snaps:
+            raise AssertionError("no CUDA memory snapshot written")
+        return (
+            f"NCCL kernels split: compute {1000 * r['time/compute']:.1f} ms of {1000 * r['time/step']:.1f} ms, "
+            f"{len(snaps)} memory snapshot(s)"
+        )
+
     def offload() -> str:
         world = min(gpus, 2)
         m = _job(root, "fsdp_offload", "strategy=fsdp", *_launch(world), "strategy.offload=true")
@@ -239,6 +263,7 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
         ("nccl fsdp cp (torch context_parallel)", nccl("fsdp", 2, "strategy.cp=2")),
         ("cuda memory vs theory", memory),
         ("fsdp offload", offload),
+        ("profile split and memory snapshot", profile_and_snapshot),
         ("activations and checkpointing", activations),
         ("nccl ddp compiled", nccl("ddp", 0, "train.compile=true")),
         ("mfu", mfu),
