@@ -46,7 +46,7 @@ def test_timeout_and_grace_are_range_checked(override):
 def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout(tmp_path, launcher):
     """Rank 1 stopped: the others time out in their collective, say where they wait, name rank 1,
     and end it, without waiting launcher.grace_s (60 s here) for a rank that cannot answer."""
-    timeout = 10
+    timeout = 6
     with job(tmp_path, f"launcher={launcher}", f"launcher.timeout_s={timeout}", "launcher.grace_s=60") as j:
         pids = j.ranks()
         os.kill(pids[1], signal.SIGSTOP)  # alive, holding its sockets, answering nothing
@@ -57,8 +57,8 @@ def test_a_stopped_rank_is_named_and_the_job_ends_within_the_timeout(tmp_path, l
         assert re.search(r"rank 1 entered no collective", line), line
         assert re.search(r"rank 0 waits in all_reduce #\d+ on world \(step \d+\)", line), line
         assert "Traceback" not in err
-        # The timeout, up to 5 s more for the others' reports, and the launcher's own exit.
-        assert took < timeout + 15, took
+        # The timeout, up to timeout / 2 more for the others' reports, and the launcher's exit.
+        assert took < timeout + 12, took
         assert_all_gone(set(pids.values()), within=10)
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -108,3 +111,36 @@ def test_tensor_parallel_collectives_sit_on_the_critical_path(jobs):
     for r in m["ranks"]:
         assert r["time/exposed_comm/tp"] > 0 and r["time/exposed_comm/dp_shard"] > 0, r
         assert abs(parts(r) - r["time/step"]) <= TOLERANCE * r["time/step"], r
+
+
+@pytest.mark.full
+def test_a_collective_entered_late_is_exposed_by_that_delay(tmp_path):
+    """Rank 1 enters each step's DDP all-reduce 0.3 s late (a comm hook injected at interpreter
+    start, tests/mutants/sitecustomize.py): rank 0's exposed communication rises by about that."""
+    from tests.helpers import REPO, child_env
+    from tests.mutants.sitecustomize import DELAY_S
+
+    def rank0(name: str, inject: bool) -> dict:
+        env = child_env()
+        if inject:
+            mutants = str(REPO / "tests" / "mutants")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (mutants, str(REPO), env.get("PYTHONPATH")) if p)
+            env["PARALAB_MUTANT"] = "delay_rank1_allreduce"
+        args = [*GPT, "strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=100"]
+        job = tmp_path / name
+        proc = subprocess.run(
+            [sys.executable, "train.py", *args, f"hydra.run.dir={job}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads((job / "metrics.json").read_text())["ranks"][0]
+
+    base, late = rank0("base", False), rank0("late", True)
+    rise = late["time/exposed_comm/world"] - base["time/exposed_comm/world"]
+    # The sleep is the delay's floor; the bound above leaves the machine's noise its room.
+    assert 0.8 * DELAY_S <= rise <= 1.5 * DELAY_S, (rise, base, late)
+    assert abs(parts(late) - late["time/step"]) <= TOLERANCE * late["time/step"]

@@ -334,6 +334,37 @@ def ep_every_expert(expert) -> None:
     expert.apply_ep = apply_ep
 
 
+# Not a mutant: a fault a test injects the same way (tests/test_timeline.py), so that the project
+# carries no test hook. `make mutants` does not run it.
+DELAY_S = 0.3
+
+
+def delay_rank1_allreduce(ddp) -> None:
+    """parallel.strategies.ddp: rank 1 enters each step's first DDP all-reduce DELAY_S late (a
+    comm hook that sleeps, then all-reduces as DDP does)."""
+    real = ddp.wrap_ddp
+
+    def wrap_ddp(model, mesh, ctx):
+        import time
+
+        import torch.distributed as dist
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        module = real(model, mesh, ctx)
+        if dist.get_rank() == 1:
+
+            def late(group, bucket):
+                if bucket.index() == 0:
+                    hit("ddp.late_allreduce")
+                    time.sleep(DELAY_S)
+                return allreduce_hook(group, bucket)
+
+            module.register_comm_hook(mesh["dp_replicate"].get_group(), late)
+        return module
+
+    ddp.wrap_ddp = wrap_ddp
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -357,6 +388,7 @@ MUTANTS = {
     "ac_noop": ("parallel.levers", ac_noop),
     "ac_selective_keeps_nothing": ("parallel.levers", ac_selective_keeps_nothing),
     "activations_count_params": ("experiments.measure.activations", activations_count_params),
+    "delay_rank1_allreduce": ("parallel.strategies.ddp", delay_rank1_allreduce),
 }
 
 
