@@ -157,7 +157,14 @@ NARROWER = {
 }
 
 
-@pytest.mark.parametrize("preset", GRIDS)
+# Presets whose every part make test already trains elsewhere (hsdp: its parity, communication
+# and memory cases) sweep in make test-full only.
+FULL_ONLY = {"hsdp"}
+
+
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=pytest.mark.full) if p in FULL_ONLY else p for p in GRIDS]
+)
 def test_experiment_preset_sweeps_at_two_ranks(tmp_path, preset):
     """Every preset as a sweep, at one world size (2 ranks: one core each here), over the first two
     values of each swept key: a grid of its own kind, each job named from its overrides."""
