@@ -82,6 +82,12 @@ def _probs(s: Tensor, lse: Tensor, mask: Tensor) -> Tensor:
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, positions: Tensor, ring: Ring, repeats: int):  # type: ignore[override]
+        # Its own precision, at least fp32: bf16 autocast would round the scores and the merge.
+        with torch.autocast(q.device.type, enabled=False):
+            return _RingAttention._forward(ctx, q, k, v, positions, ring, repeats)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, positions: Tensor, ring: Ring, repeats: int) -> Tensor:
         acc = torch.promote_types(q.dtype, torch.float32)
         here = positions[ring.rank]
         kv = torch.stack([k, v])
