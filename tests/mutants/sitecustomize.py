@@ -244,9 +244,9 @@ def moe_aux_over_batch(moe) -> None:
     original form), so its average over data-parallel ranks is not the whole batch's."""
     real = moe.load_balance
 
-    def load_balance(probs, chosen):
+    def load_balance(probs, chosen, whole=None):
         hit("moe.load_balance")
-        return real(probs.reshape(1, -1, probs.shape[-1]), chosen.reshape(1, -1, chosen.shape[-1]))
+        return real(probs.reshape(1, -1, probs.shape[-1]), chosen.reshape(1, -1, chosen.shape[-1]), whole)
 
     moe.load_balance = load_balance
 
