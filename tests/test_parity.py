@@ -259,11 +259,6 @@ AC_MATRIX = [
     Case("pp", 2, LLAMA, ("strategy.schedule=interleaved1f1b", MEASURE_4, "train.ac=full")),
 ]
 AC_FULL = [
-    # Moved here for make test's 8 minutes: ddp-ws2-resnet18 keeps synchronised BatchNorm, the
-    # cp case fsdp_tp-ws4-llama, the pipelined zoo its AC case in AC_FULL and pp's GPT cases.
-    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
-    Case("fsdp_tp", 4, LLAMA),
-    Case("pp", 2, ZOO),
     Case("tp", 4, LLAMA8, ("strategy.sequence_parallel=true", "train.ac=selective")),
     Case("zero1", 2, extra=("train.ac=full",)),
     Case("zero2", 2, extra=("train.ac=selective",)),
@@ -594,11 +589,6 @@ def test_activation_checkpointing_is_the_same_run_full(case, runs):
 # of the eager one, not on it: 1.6e-7 at most on these losses (measured), well inside the fp32
 # tolerance every strategy meets. Compiling takes ~10-30 s per job here: make test-full only.
 COMPILE_FULL = [
-    # Moved here for make test's 8 minutes: ddp-ws2-resnet18 keeps synchronised BatchNorm, the
-    # cp case fsdp_tp-ws4-llama, the pipelined zoo its AC case in AC_FULL and pp's GPT cases.
-    Case("zero3", 2, RESNET),  # sync_batch under FSDP: statistics over dp_shard, BN params sharded
-    Case("fsdp_tp", 4, LLAMA),
-    Case("pp", 2, ZOO),
     Case("ddp", 2, LLAMA, ("train.compile=true",)),
     Case("fsdp", 2, LLAMA, ("train.compile=true", "train.ac=selective")),
     Case("tp", 2, LLAMA, ("train.compile=true",)),
