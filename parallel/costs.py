@@ -149,7 +149,7 @@ def torch_memory(stage: str, x: Setting) -> dict[str, float]:
     # FSDP2's padded all-gather buffers.
     gathered = m.padded_psi(n) if stage == "os+g" else m.padded_root(n)
     if stage == "os+g" and m.expert_groups:  # its own experts, gathered over dp_shard / ep (× cp)
-        gathered += padded(m.expert_shapes, x.degrees.dp_shard_mod_ep * x.degrees.cp)
+        gathered += padded(m.expert_shapes, x.degrees.experts_fsdp)
     return {
         "params": b * psi / n,
         "params_gathered": b * gathered,
@@ -233,7 +233,7 @@ def experts_comm(x: Setting, gathers: int) -> Payload:
     if not m.expert_groups:
         return {}
     out: Payload = {(d.axis("ep"), "all_to_all"): (None, d.ep, a * 5 * m.expert_groups)}
-    n = d.dp_shard_mod_ep * d.cp
+    n = d.experts_fsdp
     total, b, groups = padded(m.expert_shapes, n), m.param_bytes, m.expert_groups
     if n > 1:  # FSDP2 sends nothing over a group of one
         axis = d.axis("dp_shard_mod_ep", "cp") if d.cp > 1 else d.axis("dp_shard_mod_ep")
@@ -252,8 +252,7 @@ def replicas_comm(x: Setting) -> Payload:
     shards = b * m.padded_psi(n) / n
     calls = m.blocks_here + 1
     if m.expert_groups:
-        ne = d.dp_shard_mod_ep * d.cp
-        shards += b * padded(m.expert_shapes, ne) / ne
+        shards += b * padded(m.expert_shapes, d.experts_fsdp) / d.experts_fsdp
         calls += m.expert_groups
     return {(d.axis("dp_replicate"), "all_reduce"): (shards, d.dp_replicate, calls)}
 
@@ -296,7 +295,7 @@ def cp_comm(x: Setting) -> Payload | None:
     if cfg.train.precision != "fp32" or cfg.train.ac != "none" or cfg.model.target not in HEADED:
         return None  # bf16 grads are kept in fp32; recompute runs the forward ring again
     heads = cfg.model.get("heads")
-    kv = cfg.model.get("kv_heads") or heads if cfg.model.target == "models.llama.Llama" else heads
+    kv = (cfg.model.get("kv_heads") or heads) if cfg.model.target == "models.llama.Llama" else heads
     head_dim = cfg.model.get("hidden") // heads
     a = cfg.train.grad_accum_steps
     block = 4 * 2 * (x.local_batch // a) * kv // d.tp * (x.seq_len // d.cp) * head_dim

@@ -43,6 +43,11 @@ class Degrees:
         return self.dp_shard // self.ep
 
     @property
+    def experts_fsdp(self) -> int:
+        """Ranks FSDP shards each rank's experts over: the rest of dp_shard, and the cp ranks."""
+        return self.dp_shard_mod_ep * self.cp
+
+    @property
     def fsdp(self) -> int:
         """Ranks FSDP shards parameters over: its shard group and the context-parallel ranks, which
         hold the same parameters for other tokens of the same samples."""

@@ -110,10 +110,13 @@ def _ranks(rs: list[int]) -> str:
     return "ranks " + ", ".join(map(str, rs))
 
 
+def describe(c: dict | None, unknown: str = "an unknown collective") -> str:
+    """A last_collective() entry as the one-line messages name it: `all_reduce #12 on dp_shard`."""
+    return unknown if c is None else f"{c['op']} #{c['seq']} on {c['axis']}"
+
+
 def _where(r: dict) -> str:
-    c = r.get("collective")
-    what = "an unknown collective" if c is None else f"{c['op']} #{c['seq']} on {c['axis']}"
-    return f"{what} (step {r['step']})"
+    return f"{describe(r.get('collective'))} (step {r['step']})"
 
 
 def diagnose(job_dir: Path, world: int, wait_s: float) -> str:

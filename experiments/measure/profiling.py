@@ -14,7 +14,7 @@ import torch
 
 from experiments.config.schema import TrainConfig
 from experiments.measure import flight
-from experiments.measure.timeline import Split, split
+from experiments.measure.timeline import split
 
 TRACES = "traces"
 SNAPSHOTS = "memory"
@@ -36,7 +36,6 @@ class StepProfiler:
         self.job_dir, self.rank, self.device, self.bubble_axis = job_dir, rank, device, bubble_axis
         self.prof: torch.profiler.profile | None = None
         self.mark: AbstractContextManager | None = None
-        self.split: Split | None = None
 
     def covers(self, step: int) -> bool:
         return self.on and self.first <= step <= self.last
@@ -71,8 +70,8 @@ class StepProfiler:
         self.prof = None
         with gzip.open(path, "rt") as f:
             trace = json.load(f)
-        self.split = split(trace, flight.recorded(), self.bubble_axis)
-        return None if self.split is None else self.split.scalars()
+        result = split(trace, flight.recorded(), self.bubble_axis)
+        return None if result is None else result.scalars()
 
 
 def snapshot_on(on: bool) -> None:

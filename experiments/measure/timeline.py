@@ -146,7 +146,7 @@ def _sweep(
     for a, b, _ in comm:
         cuts |= {min(max(a, lo), hi), min(max(b, lo), hi)}
     points = sorted(cuts)
-    busy = compute_s = other_s = bubble_s = 0.0
+    compute_s = other_s = bubble_s = 0.0
     exposed: dict[str, float] = defaultdict(float)
     overlapped: dict[str, float] = defaultdict(float)
     ci = 0

@@ -394,6 +394,25 @@ def plot_levers(jobs: list[Job], path: Path) -> bool:
     return True
 
 
+def _stacked_bars(
+    jobs: list[Job], parts: list[tuple[str, list[float]]], ylabel: str, title: str, path: Path, legend: dict
+) -> None:
+    """One bar per job, stacked by part (label, one height per job); parts all zero are left out."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(jobs) + 3), 4.5))
+    bottom = [0.0] * len(jobs)
+    for i, (label, heights) in enumerate(parts):
+        if not any(heights):
+            continue
+        ax.bar(range(len(jobs)), heights, bottom=bottom, color=f"C{i}", label=label)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(len(jobs)), [j.label for j in jobs], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_axes(jobs: list[Job], path: Path) -> bool:
     """Bytes each job sends per step, stacked by the mesh axis they travel on: which axis carries
     a strategy's traffic (HSDP's across replica groups is only the shards' all-reduce)."""
@@ -402,18 +421,16 @@ def plot_axes(jobs: list[Job], path: Path) -> bool:
     if not wires:
         return False
     axes = sorted({a for _, w in wires for a in w})
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(wires) + 3), 4.5))
-    bottom = [0.0] * len(wires)
-    for i, axis in enumerate(axes):
-        heights = [w.get(axis, 0.0) / MiB for _, w in wires]
-        ax.bar(range(len(wires)), heights, bottom=bottom, color=f"C{i}", label=axis)
-        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-    ax.set_xticks(range(len(wires)), [j.label for j, _ in wires], rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="MiB sent per rank per step (ring model)", title="Communication per mesh axis")
-    ax.legend(fontsize=8, title="axis")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    parts = [(axis, [w.get(axis, 0.0) / MiB for _, w in wires]) for axis in axes]
+    js = [j for j, _ in wires]
+    _stacked_bars(
+        js,
+        parts,
+        "MiB sent per rank per step (ring model)",
+        "Communication per mesh axis",
+        path,
+        {"fontsize": 8, "title": "axis"},
+    )
     return True
 
 
@@ -470,22 +487,21 @@ def plot_time(jobs: list[Job], path: Path) -> bool:
     exposed = sorted(
         {k for j in js for r in j.r.ranks for k in (r or {}) if k.startswith("time/exposed_comm/")}
     )
-    parts = ["time/compute", *exposed, "time/bubble", "time/other"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(js) + 3), 4.5))
-    bottom = [0.0] * len(js)
-    for i, part in enumerate(parts):
-        ms = [1000 * (j.rank_mean(part) or 0.0) for j in js]
-        if not any(ms):
-            continue
-        label = part.removeprefix("time/").replace("exposed_comm/", "exposed comm: ")
-        ax.bar(range(len(js)), ms, bottom=bottom, color=f"C{i}", label=label)
-        bottom = [b + m for b, m in zip(bottom, ms, strict=True)]
-    ax.set_xticks(range(len(js)), [j.label for j in js], rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="ms per step (profiled steps, mean over ranks)", title="Where the step's time goes")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    parts = [
+        (
+            part.removeprefix("time/").replace("exposed_comm/", "exposed comm: "),
+            [1000 * (j.rank_mean(part) or 0.0) for j in js],
+        )
+        for part in ["time/compute", *exposed, "time/bubble", "time/other"]
+    ]
+    _stacked_bars(
+        js,
+        parts,
+        "ms per step (profiled steps, mean over ranks)",
+        "Where the step's time goes",
+        path,
+        {"fontsize": 7},
+    )
     return True
 
 
@@ -572,18 +588,16 @@ def report(sweep: Path) -> str:
     plot_comm(jobs, sweep / "comm.png")
     plot_losses(jobs, sweep / "losses.png")
     pictures = ["throughput.png", "memory.png", "comm.png", "losses.png"]
-    if plot_val_loss(jobs, sweep / "val_loss.png"):
-        pictures.append("val_loss.png")
-    if plot_bubble(jobs, sweep / "bubble.png"):
-        pictures.append("bubble.png")
-    if plot_levers(jobs, sweep / "memory_levers.png"):
-        pictures.append("memory_levers.png")
-    if plot_time(jobs, sweep / "time.png"):
-        pictures.append("time.png")
-    if plot_axes(jobs, sweep / "axes.png"):
-        pictures.append("axes.png")
-    if plot_axis_scaling(jobs, sweep / "axis_scaling.png"):
-        pictures.append("axis_scaling.png")
+    # Drawn where the sweep has what they show.
+    optional = (
+        (plot_val_loss, "val_loss.png"),
+        (plot_bubble, "bubble.png"),
+        (plot_levers, "memory_levers.png"),
+        (plot_time, "time.png"),
+        (plot_axes, "axes.png"),
+        (plot_axis_scaling, "axis_scaling.png"),
+    )
+    pictures += [name for plot, name in optional if plot(jobs, sweep / name)]
     text = table(rs)
     notes = timing_notes(jobs)
     md = [

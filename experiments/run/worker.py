@@ -255,8 +255,7 @@ def describe_failure(
     if not (_TIMEOUT.search(text) or _PEER_LOST.search(text)):
         return None
     if joined:
-        c = flight.last_collective()
-        op = "a collective" if c is None else f"{c['op']} #{c['seq']} on {c['axis']}"
+        op = flight.describe(flight.last_collective(), "a collective")
     else:
         op = "init_process_group (the ranks' rendezvous)"
     if _TIMEOUT.search(text) and joined and job_dir is not None:
