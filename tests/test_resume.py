@@ -186,7 +186,9 @@ def test_a_resumed_run_makes_up_the_evaluation_due_at_its_first_step(tmp_path):
     assert resumed["losses"] == whole["losses"]
 
 
-def test_a_finished_job_dir_says_so_and_changes_nothing(tmp_path):
+def test_a_finished_job_dir_says_so_and_refuses_another_config(tmp_path):
+    """One finished job dir, run twice more: the same command says it is finished and changes
+    nothing; another config is refused (exit 2) and loses nothing."""
     from tests.helpers import TINY, run
 
     job = tmp_path / "job"
@@ -197,14 +199,6 @@ def test_a_finished_job_dir_says_so_and_changes_nothing(tmp_path):
     assert again.returncode == 0 and "is finished" in again.stdout, again.stdout + again.stderr
     after = {p: p.stat().st_mtime_ns for p in job.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     assert after == before
-
-
-def test_a_job_dir_refuses_another_config(tmp_path):
-    from tests.helpers import TINY, run
-
-    job = tmp_path / "job"
-    args = [*TINY, "strategy=single", "launcher=local", f"hydra.run.dir={job}"]
-    assert run(args).returncode == 0
     other = run([*args, "train.lr=0.05"])
     assert other.returncode == 2
     assert "holds a run with another train.lr" in other.stderr
