@@ -110,6 +110,7 @@ class Llama(StagedModel):
         experts: int = 0,
         top_k: int = 1,
         aux_loss_coef: float = 0.01,
+        ffn_dim_multiplier: float = 1.0,  # Llama 3's: 1.3 widens 8B's and 70B's feed-forward
     ) -> None:
         super().__init__()
         kv_heads = kv_heads or heads  # 0: one kv head per query head (plain multi-head attention)
@@ -118,7 +119,7 @@ class Llama(StagedModel):
             hidden,
             heads,
             kv_heads,
-            ffn_hidden(hidden, ffn_mult, multiple_of),
+            ffn_hidden(hidden, ffn_mult, multiple_of, ffn_dim_multiplier),
             max(max_seq_len, seq_len),
             rope_theta,
             norm_eps,

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def ffn_hidden(dim: int, ffn_mult: int, multiple_of: int) -> int:
+def ffn_hidden(dim: int, ffn_mult: int, multiple_of: int, dim_multiplier: float = 1.0) -> int:
     """Llama's SwiGLU width: two thirds of ffn_mult·dim (the same parameters as a GELU MLP of
-    ffn_mult·dim), rounded up to a multiple of `multiple_of`."""
-    return multiple_of * math.ceil(int(2 * ffn_mult * dim / 3) / multiple_of)
+    ffn_mult·dim), times Llama 3's ffn_dim_multiplier, rounded up to a multiple of `multiple_of`."""
+    return multiple_of * math.ceil(int(dim_multiplier * int(2 * ffn_mult * dim / 3)) / multiple_of)
 
 
 class FeedForward(nn.Module):

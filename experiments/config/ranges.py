@@ -47,6 +47,20 @@ INT64_MAX = 2**63 - 1
 BOUNDS: dict[str, Bound] = {
     "seed": Bound(0, INT64_MAX),  # torch.manual_seed's range
     "train.steps": AT_LEAST_1,
+    # The advisor's cluster (experiments/plan/cluster.py says "no devices" for nodes and devices).
+    "cluster.memory_gib": ABOVE_0,
+    "cluster.peak_tflops_bf16": AT_LEAST_0,
+    "cluster.peak_tflops_tf32": AT_LEAST_0,
+    "cluster.peak_tflops_fp32": AT_LEAST_0,
+    "cluster.matmul_efficiency": Bound(0, 1, low_open=True),
+    "cluster.half_efficiency_gflop": AT_LEAST_0,
+    "cluster.mem_gb_per_s": ABOVE_0,
+    "cluster.op_overhead_us": AT_LEAST_0,
+    "cluster.intra.alpha_us": AT_LEAST_0,
+    "cluster.intra.gb_per_s": ABOVE_0,
+    "cluster.inter.alpha_us": AT_LEAST_0,
+    "cluster.inter.gb_per_s": ABOVE_0,
+    "cluster.overlap": Bound(0, 1),
     "train.global_batch_size": AT_LEAST_1,
     "train.grad_accum_steps": AT_LEAST_1,
     "train.log_every": AT_LEAST_1,

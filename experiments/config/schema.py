@@ -128,6 +128,9 @@ class TrainConfig:
     # CUDA only: torch.cuda.memory's snapshot of the sampled steps, per rank, in <job dir>/memory/
     # (open at pytorch.org/memory_viz).
     memory_snapshot: bool = False
+    # After the run, rank 0 writes the strategy advisor's prediction for this config on `cluster`
+    # beside the measurement (metrics.json's `plan`; a meta-device profile, ~0.1 s).
+    predict: bool = True
 
 
 @dataclass
@@ -256,6 +259,53 @@ class LauncherConfig:
     gpus_per_node: int = -1
 
 
+class ClusterDevice(StrEnum):
+    cpu = "cpu"  # ranks are processes sharing the node's cores and RAM
+    cuda = "cuda"
+
+
+@dataclass
+class LinkConfig:
+    """One kind of link a collective's ring crosses: inside a node, or between nodes."""
+
+    # Seconds each call waits before the first byte moves (per ring step: a ring over n ranks
+    # pays it n − 1 times per phase), and the bytes per second one device sends on this link.
+    alpha_us: float = 10.0
+    gb_per_s: float = 10.0
+
+
+@dataclass
+class ClusterConfig:
+    """What the advisor plans for (experiments/plan): nodes of identical devices and their links.
+
+    The numbers are published peaks times an efficiency until `make calibrate` measures the
+    machine and writes `calibration`, which replaces them (experiments/plan/cluster.py)."""
+
+    name: str = MISSING
+    device: ClusterDevice = ClusterDevice.cuda
+    nodes: int = 1
+    devices_per_node: int = 8  # GPUs; CPU: the cores the ranks share (one rank per core at most)
+    memory_gib: float = 80.0  # per device; CPU: the node's RAM, shared by its ranks
+    # Dense peak TFLOP/s per device by the dtype the matmuls run in, and the share of it large
+    # matmuls achieve (the uncalibrated guess; calibration measures it by shape).
+    peak_tflops_bf16: float = 0.0
+    peak_tflops_tf32: float = 0.0
+    peak_tflops_fp32: float = 0.0
+    matmul_efficiency: float = 0.6
+    # A matmul of this many FLOPs runs at half the efficiency above: small ones are launch-bound.
+    half_efficiency_gflop: float = 1.0
+    mem_gb_per_s: float = 1000.0  # device memory bandwidth (elementwise ops are bound by it)
+    op_overhead_us: float = 5.0  # per dispatched op: the host's launch cost, paid when it exceeds the op
+    intra: LinkConfig = field(default_factory=LinkConfig)
+    inter: LinkConfig = field(default_factory=LinkConfig)
+    # Share of the communication a strategy may overlap (DDP's buckets, FSDP's prefetch) that
+    # really hides behind compute: 1 where copy engines and spare SMs run it, ~0 on a CPU whose
+    # cores the compute already fills (gloo reduces on the same cores).
+    overlap: float = 1.0
+    # A `make calibrate` file (relative to the project root); missing: the numbers above.
+    calibration: str = ""
+
+
 @dataclass
 class Config:
     strategy: StrategyConfig = MISSING
@@ -264,6 +314,8 @@ class Config:
     dataset: DatasetConfig = MISSING
     launcher: LauncherConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The cluster each job's step time is predicted for (metrics.json's `plan`), and `make plan`'s.
+    cluster: ClusterConfig = MISSING
     seed: int = 0
 
 
@@ -287,6 +339,11 @@ def save_frozen(cfg: DictConfig, job_dir: Path) -> str:
 def load_frozen(job_dir: Path, text: str | None = None) -> Config:
     """The job's config: `text` when the launcher passed it, else the job dir's frozen file."""
     frozen = OmegaConf.create(text) if text is not None else OmegaConf.load(job_dir / FROZEN_CONFIG)
+    if "cluster" not in frozen:
+        # A job dir from before the advisor: it ran on this machine.
+        frozen.cluster = OmegaConf.load(
+            Path(__file__).resolve().parents[2] / "conf" / "cluster" / "this_machine.yaml"
+        )
     return typed_config(OmegaConf.merge(OmegaConf.structured(Config), frozen))
 
 
