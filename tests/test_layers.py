@@ -20,6 +20,7 @@ LAYERS = (
     "models",
     "parallel",
     "experiments.measure",
+    "experiments.plan",  # the advisor: predicted memory and step time of any config
     "experiments.train",
     "experiments.run",
     "experiments.report",

@@ -13,13 +13,13 @@ from experiments.config.schema import Config, typed_config
 from experiments.measure.predict import predict
 from experiments.measure.record import Tag
 from experiments.measure.theory import Precision, zero_model_state_bytes
+from experiments.plan.sizes import zero1_largest_share
 from experiments.report.parity import compose_config
 from experiments.run.resources import (
     check_resources,
     checkpoints_on_disk,
     model_state_bytes_per_rank,
     parameter_count,
-    zero1_largest_share,
 )
 from parallel.costs import ModelSizes, Setting, optimizer_state_bytes_per_param
 from parallel.mesh import Degrees

@@ -153,6 +153,9 @@ class RunRecord:
     # (expert parallelism); 0 where the model has none.
     seq_len: int = 0
     experts: int = 0
+    # The strategy advisor's prediction for this job's config on cfg.cluster (experiments/plan):
+    # step time and its split, memory per rank by category; None where train.predict=false.
+    plan: dict[str, Any] | None = None
 
     def objective(self, name: str) -> float | None:
         """The number a sweeper optimises (train.objective)."""

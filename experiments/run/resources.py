@@ -137,21 +137,12 @@ def model_sizes(model: nn.Module, zero1_ranks: int = 1) -> ModelSizes:
 
     `zero1_ranks` > 1: ZeroRedundancyOptimizer's share of the rank that owns the most.
     """
+    from experiments.plan.sizes import zero1_largest_share
     from parallel.costs import ModelSizes
 
     numels = [p.numel() for p in model.parameters()]
     share = zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None
     return ModelSizes.of(model, sum(numels), next(model.parameters()).element_size(), assigned_psi=share)
-
-
-def zero1_largest_share(numels: list[int], ranks: int) -> int:
-    """Parameters whose optimizer state the fullest rank owns: ZeroRedundancyOptimizer assigns whole
-    parameters, largest first, each to the rank holding the fewest so far (its
-    _partition_parameters; one parameter group, as parallel/strategies/zero.py builds it)."""
-    held = [0] * ranks
-    for n in sorted(numels, reverse=True):
-        held[held.index(min(held))] += n
-    return max(held)
 
 
 def parameter_count(cfg: Config) -> int:

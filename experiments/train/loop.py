@@ -13,6 +13,7 @@ import torch.distributed as dist
 from experiments.config.schema import Config
 from experiments.measure.metrics import write_hparams
 from experiments.measure.record import RunRecord, write_atomic
+from experiments.plan import predict_job
 from experiments.train import checkpoint, signals
 from experiments.train.evaluate import Evaluator
 from experiments.train.setup import Run, setup
@@ -147,6 +148,7 @@ def finish(run: Run, job_dir: Path) -> float:
             compile_s=meter.first_step_s - step_time if t.compile else None,
             seq_len=run.tokens_per_sample,
             experts=int(cfg.model.get("experts", 0) or 0),
+            plan=predict_job(cfg, run.degrees, run.data) if t.predict else None,
         )
         record.write(job_dir)
         write_hparams(job_dir, record)

@@ -78,6 +78,7 @@ class Run:
     spec: StrategySpec
     psi: int
     tokens_per_sample: int
+    data: DataSpec  # the dataset's shapes, as the model was built for them
 
     def close(self) -> None:
         """What was logged stays readable, and an engine's agents (RPC's) do not outlive the run."""
@@ -214,4 +215,5 @@ def setup(cfg: Config, env: RankEnv, device: torch.device, job_dir: Path, log: l
         strategy,
         psi,
         tokens_per_sample,
+        spec,
     )
