@@ -8,7 +8,7 @@ WORLD   ?= 2
 HOST    ?= localhost
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-full test-slurm gpu-check mutants sweep compare parity bench tensorboard lint clean
+.PHONY: help install run test test-full test-slurm gpu-check mutants sweep compare parity bench plan calibrate plan-bench tensorboard lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,15 @@ compare: $(STAMP) ## report on a sweep (table, CSV, plots): make compare [SWEEP=
 
 bench: $(STAMP) ## paralab vs hand-written ddp/fsdp/tp loops, small and compute-bound, 2 ranks: prints median wall times, hand/paralab throughput ratio vs target, sampled steps' share of the time vs < 2%; then compiled vs eager for ddp and fsdp (ARGS="--strategies ddp --sizes small --repeats 3")
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m experiments.report.bench $(ARGS)
+
+plan: $(STAMP) ## which parallelism, and what it costs: every runnable config predicted and ranked (ARGS="model=llama3_8b dataset=tokens dataset.seq_len=8192 dataset.vocab_size=128256 cluster=h100_8 cluster.nodes=8"; ARGS="check=<sweep>": predicted vs measured)
+	$(PY) -m experiments.report.plan $(ARGS)
+
+calibrate: $(STAMP) ## measure this machine for the advisor: matmuls and attention by shape, per-op and framework overheads, each collective's α-β (ARGS="cluster=<name>" on a GPU node)
+	$(PY) -m experiments.report.calibrate $(ARGS)
+
+plan-bench: $(STAMP) ## the advisor against this machine: sweep experiment=plan_check (every strategy at 1 and 2 ranks, two sizes), step-time MAPE, Spearman, memory error vs targets
+	$(PY) -m experiments.report.plan_bench $(ARGS)
 
 tensorboard: $(STAMP) ## serve TensorBoard over every run and sweep in outputs/, on localhost (HOST=0.0.0.0 to serve other machines)
 	$(PY) -m tensorboard.main --logdir outputs --host $(HOST)

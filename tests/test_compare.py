@@ -7,6 +7,7 @@ import json
 
 from experiments.measure.record import METRICS_FILE, RunRecord
 from experiments.report.parity import run_case
+from experiments.report.plan import check_summary, check_sweep, write_check
 from tests.helpers import compare
 
 COMMON = [
@@ -55,6 +56,19 @@ def test_compare_marks_timings_that_are_not_meaningful(tmp_path):
     note_lines = [line for line in report.splitlines() if NOTE in line]
     assert len(note_lines) == 1 and "ddp-ws2" in note_lines[0] and "single-ws1" not in note_lines[0]
     assert (tmp_path / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The advisor's prediction for each job's own config rides in its metrics.json, and the report
+    # sets it beside the measurement; `make plan ARGS="check=<sweep>"` sums the errors.
+    for name in ("single-ws1", "ddp-ws2"):
+        assert rows[name]["plan step s"] and rows[name]["plan mem MiB"], rows[name]
+        assert rows[name]["plan mem Δ"] in ("+0.0%", "-0.0%")  # an MLP's memory is counted exactly
+    assert (tmp_path / "plan.png").is_file()
+    checked = check_sweep(tmp_path, [])
+    assert {c.job for c in checked} == {"single-ws1", "ddp-ws2"}
+    summary = check_summary(checked)
+    assert summary["memory_max_error"] < 0.01 and summary["timed_jobs"] == 1  # the other is oversub.
+    write_check(tmp_path, checked)
+    assert "step time MAPE" in (tmp_path / "plan_check.md").read_text()
 
 
 def test_compare_without_oversubscription_has_no_marks(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from experiments.measure.record import Tag
 from experiments.report.parity import run_case
-from tests.helpers import SharedJobs, compare
+from tests.helpers import ACTIVATION_TOLERANCE, SharedJobs, compare
 from tests.test_parity import NEEDS_DEEPSPEED
 
 COMMON = [
@@ -291,7 +291,24 @@ def _check_comm(m: dict) -> None:
     ],
 )
 def test_communication_is_exactly_the_strategys_own(sweep, name, overrides):
-    _check_comm(sweep(name, *overrides))
+    m = sweep(name, *overrides)
+    _check_comm(m)
+    _check_plan_memory(m)
+
+
+def _check_plan_memory(m: dict) -> None:
+    """The advisor (experiments/plan) derives what each rank holds from a meta-device profile,
+    without building the strategy: the fullest rank's model state and activations it predicts
+    (metrics.json's `plan`) must be what the ranks measured. Where it does not count activations
+    (a zoo model, expert parallelism's dispatch buffers), its model state alone."""
+    plan = m["plan"]
+    measured = [(r["mem/model_state_bytes"], r["mem/activations_bytes"]) for r in m["ranks"]]
+    if plan["notes"]:
+        assert rel(max(s for s, _ in measured), plan["model_state_bytes"]) <= MEMORY_REL, plan["notes"]
+    else:
+        # Under context parallelism the ring's own saved tensors are estimated (docs/parallelism.md).
+        tolerance = 0.05 if m["degrees"]["cp"] > 1 else ACTIVATION_TOLERANCE
+        assert rel(max(s + a for s, a in measured), plan["tracked_memory_bytes"]) <= tolerance
 
 
 @pytest.mark.parametrize(

@@ -194,9 +194,48 @@ def rows(jobs: list[Job]) -> list[dict[str, str]]:
                 "val acc": _fmt(j.r.val_acc, 1, 4),
                 "val ppl": _fmt(j.r.val_ppl, 1, 3),
                 "max loss dev vs 1 proc": "" if dev is None else f"{dev:.1e}",
+                **_planned(j),
             }
         )
     return out
+
+
+def _planned(j: Job) -> dict[str, str]:
+    """The advisor's prediction for the job's own config (metrics.json's `plan`) beside what ran."""
+    p = j.r.plan or {}
+    step_p, mem_p = p.get("step_time_s"), p.get("tracked_memory_bytes")
+    mem = j.rank_memory()
+    return {
+        "step s": _timing(f"{j.r.step_time_s:.4g}", j.r.timing_meaningful),
+        "plan step s": _fmt(step_p, 1, 4),
+        "plan step Δ": _timing(_pct(j.r.step_time_s, step_p), j.r.timing_meaningful),
+        "plan mem MiB": _fmt(mem_p, MiB, 3),
+        "plan mem Δ": _pct(mem * MiB if mem is not None else None, mem_p),
+    }
+
+
+def plot_plan(jobs: list[Job], path: Path) -> bool:
+    """Predicted against measured step time, one point per job (hollow: ranks outnumbered cores)."""
+    js = [j for j in jobs if (j.r.plan or {}).get("step_time_s")]
+    if not js:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    xs = [j.r.plan["step_time_s"] for j in js]  # type: ignore[index]
+    ys = [j.r.step_time_s for j in js]
+    oks = [j.r.timing_meaningful for j in js]
+    for ok, face, label in ((True, "C0", "jobs"), (False, "none", "ranks > cores (not meaningful)")):
+        pts = [(x, y) for x, y, o in zip(xs, ys, oks, strict=True) if o == ok]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), ls="", marker="o", color="C0", markerfacecolor=face, label=label)
+    lo, hi = min(xs + ys), max(xs + ys)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="measured = predicted")
+    ax.set(xscale="log", yscale="log", xlabel="predicted step time (s)", ylabel="measured step time (s)")
+    ax.set_title("The advisor's prediction against each job", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def timing_notes(jobs: list[Job]) -> list[str]:
@@ -569,6 +608,11 @@ NOTES = """## Reading this report
 - **val loss / acc / ppl** = the last held-out evaluation (accuracy for classification, perplexity
   for language models). `val_loss.png` plots each job's held-out loss against its training wall
   time with evaluations left out: time to quality, which an oversubscribed job (hollow) distorts.
+- **plan step s / plan mem MiB** = the strategy advisor's prediction for the job's own config on
+  `cluster` (metrics.json's `plan`, made before it ran from a meta-device profile and the cluster's
+  calibration; docs/plan.md), beside the measured step time and model state + one micro-batch's
+  activations; **Δ** = (measured − predicted) / predicted. `plan.png` plots one against the other.
+  `make plan ARGS="check=<sweep>"` sums the errors over the sweep (MAPE, Spearman).
 """
 
 
@@ -596,6 +640,7 @@ def report(sweep: Path) -> str:
         (plot_time, "time.png"),
         (plot_axes, "axes.png"),
         (plot_axis_scaling, "axis_scaling.png"),
+        (plot_plan, "plan.png"),
     )
     pictures += [name for plot, name in optional if plot(jobs, sweep / name)]
     text = table(rs)
