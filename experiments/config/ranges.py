@@ -53,6 +53,7 @@ BOUNDS: dict[str, Bound] = {
     "cluster.peak_tflops_tf32": AT_LEAST_0,
     "cluster.peak_tflops_fp32": AT_LEAST_0,
     "cluster.matmul_efficiency": Bound(0, 1, low_open=True),
+    "cluster.attention_efficiency": Bound(0, 1, low_open=True),
     "cluster.half_efficiency_gflop": AT_LEAST_0,
     "cluster.mem_gb_per_s": ABOVE_0,
     "cluster.op_overhead_us": AT_LEAST_0,

@@ -292,9 +292,13 @@ class ClusterConfig:
     peak_tflops_tf32: float = 0.0
     peak_tflops_fp32: float = 0.0
     matmul_efficiency: float = 0.6
+    # Fused attention's share of the peak (FlashAttention-2 reaches ~35-40 % of an H100's bf16 peak
+    # forward and backward, per its paper's figures), where calibration has not measured it.
+    attention_efficiency: float = 0.4
     # A matmul of this many FLOPs runs at half the efficiency above: small ones are launch-bound.
     half_efficiency_gflop: float = 1.0
-    mem_gb_per_s: float = 1000.0  # device memory bandwidth (elementwise ops are bound by it)
+    # Device memory bandwidth: an elementwise op moves ~3× the bytes it writes (two inputs read).
+    mem_gb_per_s: float = 1000.0
     op_overhead_us: float = 5.0  # per dispatched op: the host's launch cost, paid when it exceeds the op
     intra: LinkConfig = field(default_factory=LinkConfig)
     inter: LinkConfig = field(default_factory=LinkConfig)

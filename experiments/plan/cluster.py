@@ -124,7 +124,9 @@ class Machine:
             dtype, 0.0
         ) * 1e12
 
-    def matmul_s(self, mkn: tuple[float, float, float], threads: int, dtype: str) -> float:
+    def matmul_s(
+        self, mkn: tuple[float, float, float], threads: int, dtype: str, efficiency: float | None = None
+    ) -> float:
         """One (m × k) @ (k × n) matmul: the calibrated shape nearest in log space, scaled by FLOPs."""
         m, k, n = mkn
         flops = 2 * m * k * n
@@ -142,7 +144,8 @@ class Machine:
         # Efficiency grows with size: half of matmul_efficiency at half_efficiency_gflop.
         peak = self.peak_flops(dtype) or self.peak_flops("fp32")
         half = self.cfg.half_efficiency_gflop * 1e9
-        rate = peak * self.cfg.matmul_efficiency * flops / (flops + half)
+        eff = self.cfg.matmul_efficiency if efficiency is None else efficiency
+        rate = peak * eff * flops / (flops + half)
         if self.cpu:
             rate *= threads / self.devices_per_node  # the peak is the node's, shared by its ranks
         return flops / rate
@@ -183,7 +186,7 @@ class Machine:
         if cal is not None and cal.elementwise:
             return _interp_loglog(cal.elementwise[_nearest(cal.elementwise, threads)], nbytes)
         rate = self.cfg.mem_gb_per_s * 1e9 * (threads / self.devices_per_node if self.cpu else 1)
-        return nbytes / rate
+        return 3 * nbytes / rate  # read two inputs, write one output
 
     def collective_s(
         self, collective: str, n: int, calls: float, wire_bytes: float, across_nodes: bool

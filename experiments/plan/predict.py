@@ -44,26 +44,36 @@ def payload_of(spec: StrategySpec, x: Setting) -> Payload | None:
     if comm is None:
         return None
     payload = comm(x)
-    t = x.cfg.train
-    if payload is not None or (t.precision != "bf16" and t.ac == AC.none):
+    t, s = x.cfg.train, x.cfg.strategy
+    if payload is not None or (t.precision != "bf16" and t.ac == AC.none and not s.sequence_parallel):
         return payload
-    # The checked cost models leave bf16 and recompute under context parallelism unpredicted
-    # (autocast picks each tensor's dtype; recompute runs the ring again). The advisor prices the
-    # fp32 payload, an upper bound (the residual stream, the pipeline's hand-offs and gradients
-    # stay fp32 under autocast), and a checkpointed layer's ring forward once more.
-    plain = dataclasses.replace(t, precision="fp32", ac=AC.none)
-    payload = comm(dataclasses.replace(x, cfg=dataclasses.replace(x.cfg, train=plain)))
-    cp = x.degrees.cp
-    if payload is None or t.ac == AC.none or cp == 1:
-        return payload
-    again = (3 * (cp - 1) + cp) / (2 * (cp - 1) + cp)
-    ring = x.degrees.axis("cp")
-    return {
-        (axis, coll): (size * again, n, calls and round(calls * again))
-        if axis == ring and coll in ("send", "recv") and size is not None
-        else (size, n, calls)
-        for (axis, coll), (size, n, calls) in payload.items()
-    }
+    # The checked cost models leave bf16, recompute under context parallelism and sequence
+    # parallelism unpredicted (autocast picks each tensor's dtype; recompute runs the ring again;
+    # SP's collectives were never counted). The advisor prices the fp32 payload, an upper bound
+    # (the residual stream, the pipeline's hand-offs and gradients stay fp32 under autocast), a
+    # checkpointed layer's ring forward once more, and SP's all-gather + reduce-scatter in place
+    # of each all-reduce (the same ring bytes, Korthikanti et al. §4.2.2).
+    plain = dataclasses.replace(
+        x.cfg,
+        train=dataclasses.replace(t, precision="fp32", ac=AC.none),
+        strategy=dataclasses.replace(s, sequence_parallel=False),
+    )
+    payload = comm(dataclasses.replace(x, cfg=plain))
+    if payload is None:
+        return None
+    d = x.degrees
+    cp, ring, tp_axis = d.cp, d.axis("cp"), d.axis("tp")
+    again = (3 * (cp - 1) + cp) / (2 * (cp - 1) + cp) if t.ac != AC.none and cp > 1 else 1.0
+    out: Payload = {}
+    for (axis, coll), (size, n, calls) in payload.items():
+        if axis == ring and coll in ("send", "recv") and size is not None and again != 1.0:
+            out[(axis, coll)] = (size * again, n, calls and round(calls * again))
+        elif s.sequence_parallel and axis == tp_axis and coll == "all_reduce":
+            out[(axis, "all_gather")] = (size, n, calls)
+            out[(axis, "reduce_scatter")] = (size, n, calls)
+        else:
+            out[(axis, coll)] = (size, n, calls)
+    return out
 
 
 def model_state(spec: StrategySpec, x: Setting) -> dict[str, float]:
@@ -78,9 +88,10 @@ def model_state(spec: StrategySpec, x: Setting) -> dict[str, float]:
     return {"params": b * x.sizes.psi, "grads": b * x.sizes.psi, "optim": whole - 2 * b * x.sizes.psi}
 
 
-def in_flight(cfg: Config, spec: StrategySpec, pp: int, pp_rank: int) -> int:
-    """Micro-batches whose activations a pipeline rank holds at once: GPipe all of them; 1F1B and
-    its interleaved kin at most the stages ahead (Narayanan et al. 2021), more for interleaving."""
+def in_flight(cfg: Config, spec: StrategySpec, pp: int, pp_rank: int) -> float:
+    """Micro-batches of a pipeline rank's activations held at once: GPipe all of them; 1F1B at
+    most the stages ahead (Narayanan et al. 2021); an interleaved schedule up to p·v − rank
+    micro-batches of one of its v stages (each 1/v of its blocks) while it warms up."""
     s = cfg.strategy
     if not spec.pipelined or spec.one_batch:
         return 1
@@ -88,8 +99,7 @@ def in_flight(cfg: Config, spec: StrategySpec, pp: int, pp_rank: int) -> int:
     if s.schedule == "gpipe":
         return m
     v = stages_per_rank(s.schedule, s.stages_per_rank)
-    ahead = pp - pp_rank if v == 1 else pp * v - pp_rank
-    return min(m * v, ahead) if v > 1 else min(m, ahead)
+    return min(m * v, pp * v - pp_rank) / v
 
 
 @dataclass

@@ -69,9 +69,11 @@ class Part:
     attention: list[tuple[float, float, float, float]] = field(default_factory=list)
     backward: bool = False
     other_flops: float = 0.0
-    # Each other op's bytes written, and whether they grow with the batch (a weight's gradient
-    # does not): elementwise work is bound by memory.
-    writes: list[tuple[float, bool]] = field(default_factory=list)
+    # Each other op's bytes written, whether they grow with the batch (a weight's gradient does
+    # not), and whether it runs inside a tensor-parallel region (between a column- and a
+    # row-parallel linear, where a TP rank holds 1/tp of the features): elementwise work is
+    # bound by memory.
+    writes: list[tuple[float, bool, bool]] = field(default_factory=list)
 
     @property
     def flops(self) -> float:
@@ -113,6 +115,7 @@ class _Attribute(TorchDispatchMode):
     def __init__(self, profile: ModelProfile) -> None:
         super().__init__()
         self.profile, self.part, self.direction = profile, "stem", "forward"
+        self.in_region = False
 
     def __call__(self, part: str, direction: str) -> None:
         self.part, self.direction = part, direction
@@ -146,7 +149,7 @@ class _Attribute(TorchDispatchMode):
             book.other_flops += flops
             outs = out if isinstance(out, (tuple, list)) else (out,)
             written = sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
-            book.writes.append((float(written), False))
+            book.writes.append((float(written), False, self.in_region))
         return out
 
 
@@ -209,6 +212,15 @@ def _tp_split(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _tp_regions(model: nn.Module) -> list[str]:
+    """The sublayers a TP plan prepares the input of (models/tp.py): its Megatron regions."""
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    return [
+        name for name, style in (tp_plan_of(model) or {}).items() if isinstance(style, PrepareModuleInput)
+    ]
+
+
 def count_ops(fn) -> int:
     """The ops that launch work in one call of `fn`, as a profile counts them."""
     counted = ModelProfile(forward={}, backward={}, params={}, block_names=[])
@@ -236,7 +248,10 @@ def profile_model(model: nn.Module, spec: DataSpec) -> ModelProfile:
                 (dims, tuple(b > a for a, b in zip(dims, dims2, strict=True)))
                 for (dims, _), (dims2, _) in zip(part.matmuls, other.matmuls, strict=True)
             ]
-            part.writes = [(w, w2 > w) for (w, _), (w2, _) in zip(part.writes, other.writes, strict=True)]
+            part.writes = [
+                (w, w2 > w, region)
+                for (w, _, region), (w2, _, _) in zip(part.writes, other.writes, strict=True)
+            ]
     return ref
 
 
@@ -282,6 +297,14 @@ def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
         hooks.append(parts[names[0]].register_full_backward_hook(lambda m, gi, go: mode("stem", "backward")))
     for p in model.parameters():
         p.grad = None  # a second profile must not accumulate into the first one's gradients
+    # Inside the TP plan's sublayers (attention, feed-forward) a rank holds 1/tp of the features.
+    for block in parts.values():
+        for region in _tp_regions(model):
+            sub = block.get_submodule(region)
+            hooks.append(sub.register_forward_pre_hook(lambda m, a: setattr(mode, "in_region", True)))
+            hooks.append(sub.register_forward_hook(lambda m, a, o: setattr(mode, "in_region", False)))
+            hooks.append(sub.register_full_backward_pre_hook(lambda m, g: setattr(mode, "in_region", True)))
+            hooks.append(sub.register_full_backward_hook(lambda m, gi, go: setattr(mode, "in_region", False)))
     x, y = spec.example(samples, "meta")
     sdpa = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = _sdpa(mode)  # models call it through the module: F.<name>

@@ -49,14 +49,18 @@ def _strategies(world: int, per_node: int, model: nn.Module) -> Iterator[dict[st
         if experts % ep == 0:
             yield {"name": "fsdp", "ep": ep}
     if tp_plan_of(model) is not None:
-        if world <= per_node:
-            yield {"name": "tp"}
-        for tp in tp_ways:
-            if tp < world:
-                yield {"name": "fsdp_tp", "tp": tp}
-                for cp in ways if attention else []:
-                    if tp * cp < world:
-                        yield {"name": "fsdp_tp", "tp": tp, "cp": cp}
+        # Sequence parallelism where the model has its edges (models/tp.py): the norms' activations
+        # split too, the all-reduces become reduce-scatter + all-gather.
+        sps = [{}, {"sequence_parallel": True}] if hasattr(model, "sequence_parallel_edges") else [{}]
+        for sp in sps:
+            if world <= per_node:
+                yield {"name": "tp", **sp}
+            for tp in tp_ways:
+                if tp < world:
+                    yield {"name": "fsdp_tp", "tp": tp, **sp}
+                    for cp in ways if attention else []:
+                        if tp * cp < world:
+                            yield {"name": "fsdp_tp", "tp": tp, "cp": cp, **sp}
     blocks = blocks_of(model)
     if blocks is None:
         return
@@ -79,7 +83,11 @@ def _strategies(world: int, per_node: int, model: nn.Module) -> Iterator[dict[st
 
 def _label(fields: dict[str, object], ac: AC) -> list[str]:
     out = [f"strategy={fields['name']}"]
-    out += [f"strategy.{k}={v}" for k, v in fields.items() if k != "name"]
+    out += [
+        f"strategy.{k}={str(v).lower() if isinstance(v, bool) else v}"
+        for k, v in fields.items()
+        if k != "name"
+    ]
     return out + ([f"train.ac={ac}"] if ac != AC.none else [])
 
 

@@ -106,10 +106,17 @@ class Pricing:
                 mm += measured / cp * slow
             else:
                 ratio = per_call / (2 * bh * sq * sk * d)  # its matmuls, as multiples of QKᵀ
-                mm += ratio * m.matmul_s((heads * sq / cp, d, sk), self.threads, dtype) * slow
+                eff = m.cfg.attention_efficiency
+                mm += ratio * m.matmul_s((heads * sq / cp, d, sk), self.threads, dtype, eff) * slow
         if matmuls_only:
             return mm
-        work = mm + sum(m.memory_s(b * (scale if g else 1.0), self.threads) for b, g in part.writes)
+        # Under bf16 autocast the regions' activations are matmul outputs, in bf16; the residual
+        # stream and the norms stay fp32. (The profile runs in fp32: meta tensors skip autocast.)
+        half = 0.5 if self.dtype == "bf16" else 1.0
+        work = mm + sum(
+            m.memory_s(b * (scale if g else 1.0) * (half / tp if region else 1.0), self.threads)
+            for b, g, region in part.writes
+        )
         launch = part.ops * m.op_s(self.threads) + part.views * m.host_s("view", self.threads)
         return work + launch if m.cpu else max(work, launch)
 
