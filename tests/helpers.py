@@ -22,6 +22,9 @@ TINY = [
     "train.log_every=2",
     "dataset.num_samples=256",
     "dataset.input_shape=[8]",
+    # The advisor's prediction (~0.2 s a job) is checked where it is the subject: test_measure's
+    # communication matrix, test_compare, test_plan.
+    "train.predict=false",
 ]
 
 

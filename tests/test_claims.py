@@ -154,6 +154,7 @@ NARROWER = {
     "zero_memory": {"strategy": ["zero3"]},
     "scaling": {"strategy": ["fsdp"]},
     "expert_scaling": {"model.experts": ["4"], "strategy.ep": ["2"]},
+    "plan_check": {"model.hidden": ["64"], "strategy": ["ddp"]},
 }
 
 

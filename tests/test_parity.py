@@ -103,6 +103,8 @@ COMMON = [
     # any world size, so the last batch is partial (at 4 ranks, two ranks hold no real sample).
     "train.eval_every=2",
     "train.eval_samples=37",
+    # The advisor's prediction is checked on the communication matrix (test_measure), not here.
+    "train.predict=false",
 ]
 # A pipeline's step 3 follows an evaluation, where its activations are not measured: step 4 is.
 MEASURE_4 = "train.measure_every=4"

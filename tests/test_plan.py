@@ -19,6 +19,7 @@ from experiments.plan.cluster import Calibration, machine
 from experiments.plan.predict import predict_config
 from experiments.plan.profile import ModelProfile, profile_model
 from experiments.report.plan import load, plan, spearman, write_plan
+from experiments.report.plan import main as plan_main
 from models import meta_model
 from parallel.registry import resolve_degrees
 from tests.helpers import REPO, child_env
@@ -42,17 +43,6 @@ LLAMA3_8B = [
     "train.optimizer=adamw",
     "cluster=h100_8",
 ]
-
-
-def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.report.plan", *args],
-        cwd=REPO,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 @pytest.mark.parametrize("model", SMALL)
@@ -193,10 +183,32 @@ def test_a_cluster_with_no_devices_is_one_line():
         (["check=/"], "is not a sweep"),
     ],
 )
-def test_bad_plan_input_is_one_line(args, says):
-    proc = plan_cli(*args, "out=/nonexistent/never-written")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and says in lines[0], proc.stderr
+def test_bad_plan_input_is_one_line(args, says, capsys):
+    assert plan_main([*args, "out=/nonexistent/never-written"]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], err
     if "fits no configuration" in says:
         assert "it fits on cluster.nodes=" in lines[0]  # the smallest cluster that would
+
+
+def test_make_plan_is_one_command(tmp_path):
+    """As a user runs it: the plan for this machine, written where out= says."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.report.plan",
+            "model=mlp",
+            "cluster.calibration=",
+            f"out={tmp_path}",
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 1 | strategy=" in proc.stdout and "uncalibrated" in proc.stdout
+    assert {p.name for p in tmp_path.iterdir()} == {"plan.md", "plan.csv", "plan.png"}

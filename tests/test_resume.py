@@ -34,6 +34,7 @@ COMMON = [
     "train.warmup_steps=5",
     "train.log_every=2",
     "launcher=torchrun",
+    "train.predict=false",  # the advisor's prediction is checked in test_measure and test_compare
 ]
 
 

@@ -171,7 +171,9 @@ def predict_config(
     data: DataSpec,
     machine: Machine,
     overrides: list[str],
+    timed: bool = True,
 ) -> Prediction:
+    """`timed=False`: memory only (what fits), no step time."""
     spec = get_spec(cfg.strategy.name)
     pps = range(degrees.pp) if spec.pipelined else range(1)
     settings = [rank_setting(profile, cfg, degrees, spec, data, r) for r in pps]
@@ -205,8 +207,8 @@ def predict_config(
     if degrees.ep > 1:
         notes.append("expert parallelism's dispatch buffers not counted")
     payloads = [payload_of(spec, x) for x in settings]
-    time = step_time(settings, payloads, memories, profile, spec, machine)
-    if time is None:
+    time = step_time(settings, payloads, memories, profile, spec, machine) if timed else None
+    if time is None and timed:
         notes.append(f"strategy={cfg.strategy.name}'s communication is not predicted here: no step time")
     ranks_per_node = min(degrees.world_size, machine.devices_per_node)
     have = machine.memory_per_rank(ranks_per_node)

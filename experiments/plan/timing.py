@@ -84,10 +84,32 @@ class Pricing:
             self._seen[key] = self._price(part, scale, tp, cp, matmuls_only)
         return self._seen[key]
 
+    @property
+    def matmul_dtype(self) -> tuple[float, str]:
+        """(slowdown, the dtype to price at): double precision at half fp32's rate (calibration
+        measures fp32)."""
+        return (2.0, "fp32") if self.dtype == "fp64" else (1.0, self.dtype)
+
+    def attention_s(self, part: Part, scale: float, tp: int, cp: int) -> float:
+        """The part's fused attention on this rank: its heads (tp) of its samples; a context-parallel
+        rank (scale has its 1/cp) does 1/cp of each sequence's causal work."""
+        m, out = self.machine, 0.0
+        slow, dtype = self.matmul_dtype
+        per_call = part.attention_flops / max(len(part.attention), 1)
+        for bh, sq, sk, d in part.attention:
+            heads = bh * scale * cp / tp
+            measured = m.attention_s(heads, sq, d, part.backward, self.threads, dtype)
+            if measured is not None:
+                out += measured / cp * slow
+            else:
+                ratio = per_call / (2 * bh * sq * sk * d)  # its matmuls, as multiples of QKᵀ
+                eff = m.cfg.attention_efficiency
+                out += ratio * m.matmul_s((heads * sq / cp, d, sk), self.threads, dtype, eff) * slow
+        return out
+
     def _price(self, part: Part, scale: float, tp: int, cp: int, matmuls_only: bool) -> float:
         m = self.machine
-        # Double precision: fp32's matmuls at half the rate (calibration measures fp32).
-        slow, dtype = (2.0, "fp32") if self.dtype == "fp64" else (1.0, self.dtype)
+        slow, dtype = self.matmul_dtype
         mm = 0.0
         for dims, grows in part.matmuls:
             shape = [d * scale if g else d for d, g in zip(dims, grows, strict=True)]
@@ -96,18 +118,7 @@ class Pricing:
                 if i is not None:
                     shape[i] /= tp
             mm += m.matmul_s(tuple(shape), self.threads, dtype) * slow  # type: ignore[arg-type]
-        per_call = part.attention_flops / max(len(part.attention), 1)
-        for bh, sq, sk, d in part.attention:
-            # This rank's heads (tp) of its samples; a context-parallel rank (scale has its 1/cp)
-            # does 1/cp of each sequence's causal work.
-            heads = bh * scale * cp / tp
-            measured = m.attention_s(heads, sq, d, part.backward, self.threads, dtype)
-            if measured is not None:
-                mm += measured / cp * slow
-            else:
-                ratio = per_call / (2 * bh * sq * sk * d)  # its matmuls, as multiples of QKᵀ
-                eff = m.cfg.attention_efficiency
-                mm += ratio * m.matmul_s((heads * sq / cp, d, sk), self.threads, dtype, eff) * slow
+        mm += self.attention_s(part, scale, tp, cp)
         if matmuls_only:
             return mm
         # Under bf16 autocast the regions' activations are matmul outputs, in bf16; the residual
@@ -323,13 +334,15 @@ def step_time(
 
 def _attention_s(x: Setting, profile: ModelProfile, spec: StrategySpec, price: Pricing) -> float:
     """One micro-batch's attention on this rank: the window the context ring hides behind."""
-    if x.degrees.cp == 1:
+    d = x.degrees
+    if d.cp == 1:
         return 0.0
-    scale = x.local_batch / x.cfg.train.grad_accum_steps / profile.samples / x.degrees.cp
-    flops = sum(
-        profile.forward[n].attention_flops + profile.backward[n].attention_flops
-        for n in (profile.block_names[i] for i in x.sizes.block_positions)
-        if n in profile.forward and n in profile.backward
+    scale = x.local_batch / x.cfg.train.grad_accum_steps / profile.samples / d.cp
+    tp = d.tp if spec.needs_tp_plan else 1
+    blocks = [profile.block_names[i] for i in x.sizes.block_positions]
+    return sum(
+        price.attention_s(part, scale, tp, d.cp)
+        for n in blocks
+        for part in (profile.forward.get(n), profile.backward.get(n))
+        if part is not None
     )
-    side = max(flops * scale / 2, 1.0) ** (1 / 3)
-    return price.machine.matmul_s((side, side, side), price.threads, price.dtype)

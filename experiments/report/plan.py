@@ -87,13 +87,13 @@ def nowhere(cfg: Config, m: Machine, predictions: list[Prediction], profile: Mod
         f"; the closest, {closest.label}, needs {closest.total / GiB:.1f} GiB per rank "
         f"({closest.over_bytes / GiB:.1f} GiB over)"
     )
+    model, data = _model(cfg)
     for nodes in (2**i for i in range(1, 13)):
         if nodes <= m.cfg.nodes:
             continue
         bigger = dataclasses.replace(m, cfg=dataclasses.replace(m.cfg, nodes=nodes))
-        model, data = _model(cfg)
         if any(
-            predict_config(c, d, profile, data, bigger, o).fits
+            predict_config(c, d, profile, data, bigger, o, timed=False).fits
             for c, d, o in candidates(cfg, bigger.devices, bigger.devices_per_node, model)
         ):
             return line + f"; it fits on cluster.nodes={nodes} ({bigger.devices} devices)"

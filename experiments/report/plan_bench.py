@@ -1,13 +1,15 @@
 """`make plan-bench`: how well the advisor predicts this machine, against the issue's targets.
 
 Calibrates the machine if its file is missing, runs `experiment=plan_check` (every strategy at 1
-and 2 ranks, on a small Llama the host's per-op cost dominates and a wider one its matmuls do),
-then checks every job's prediction against its measurement. Ratios from one run, never a gate:
+and 2 ranks, on a small Llama the host's per-op cost dominates and a wider one its matmuls do:
+the preset's grid, then the strategies that run at one of the two world sizes only), then checks
+every job's prediction against its measurement. Ratios from one run, never a gate:
 the targets are printed beside what was measured.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import time
@@ -24,8 +26,12 @@ def main(argv: list[str]) -> int:
     if not (ROOT / "calibration" / "this_machine.json").is_file():
         subprocess.run([sys.executable, "-m", "experiments.report.calibrate"], cwd=ROOT, check=True)
     sweep = ROOT / "outputs" / "sweeps" / f"plan_bench_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-    cmd = [sys.executable, "train.py", "-m", "experiment=plan_check", f"hydra.sweep.dir={sweep}", *argv]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    base = [sys.executable, "train.py", "-m", "experiment=plan_check", f"hydra.sweep.dir={sweep}"]
+    deepspeed = importlib.util.find_spec("deepspeed") is not None
+    strategies = "ddp,zero1,zero2,zero3,tp,pp,mp" + (",deepspeed" if deepspeed else "")
+    for world, only in (("1,2", strategies), ("1", "single"), ("2", "hsdp,fsdp_tp,ddp_pp")):
+        sweep_args = [f"strategy={only}", f"launcher.nproc_per_node={world}", *argv]
+        subprocess.run([*base, *sweep_args], cwd=ROOT, check=True)
     rows = check_sweep(sweep, [])
     print(write_check(sweep, rows))
     s = check_summary(rows)

@@ -144,6 +144,11 @@ MUTANTS = [
         (f"{COMM}[fsdp-cp2-ws4-gpt-*]", f"{PARITY}[fsdp-ws4-gpt-cp=2]"),
     ),
     Mutant(
+        "plan_ignores_tp",
+        "the advisor predicts a TP rank's memory as if it held every weight whole",
+        (f"{COMM}[tp-ws2-mlp-*]",),
+    ),
+    Mutant(
         "ep_every_expert",
         "expert parallelism keeps every expert on every rank",
         (f"{COMM}[fsdp-ep2-ws4-moe-*]", f"{PARITY}[fsdp-ws4-moe-ep=2]"),

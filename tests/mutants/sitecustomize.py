@@ -365,6 +365,22 @@ def delay_rank1_allreduce(ddp) -> None:
     ddp.wrap_ddp = wrap_ddp
 
 
+def plan_ignores_tp(sizes) -> None:
+    """experiments.plan.sizes: the advisor forgets tensor parallelism's split: each rank of a TP
+    plan is predicted to hold every weight whole."""
+    import dataclasses
+
+    real = sizes.rank_sizes
+
+    def rank_sizes(profile, cfg, degrees, spec, pp_rank=0):
+        if degrees.tp > 1:
+            hit("plan.rank_sizes")
+            degrees = dataclasses.replace(degrees, tp=1)
+        return real(profile, cfg, degrees, spec, pp_rank)
+
+    sizes.rank_sizes = rank_sizes
+
+
 # name -> (module to patch, patch)
 MUTANTS = {
     "tp_noop": ("parallel.strategies.tensor", tp_noop),
@@ -389,6 +405,7 @@ MUTANTS = {
     "ac_selective_keeps_nothing": ("parallel.levers", ac_selective_keeps_nothing),
     "activations_count_params": ("experiments.measure.activations", activations_count_params),
     "delay_rank1_allreduce": ("parallel.strategies.ddp", delay_rank1_allreduce),
+    "plan_ignores_tp": ("experiments.plan.sizes", plan_ignores_tp),
 }
 
 
