@@ -259,6 +259,7 @@ class Checked:
 def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     from data import dataset_spec
     from experiments.measure.record import METRICS_FILE, RunRecord, Tag
+    from models import meta_model
     from parallel.mesh import Degrees
 
     # A sweep's job dirs are its children (or it is one job dir itself): no deeper search, so a
@@ -278,8 +279,6 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
         r = RunRecord.read(job)
         cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
         data = dataset_spec(cfg.dataset)
-        from models import meta_model
-
         p = predict_config(
             cfg, Degrees(**r.degrees), profile_model(meta_model(cfg.model, data), data), data, m, []
         )
