@@ -17,7 +17,7 @@ from data.spec import DataSpec
 from experiments.config.schema import AC, Config
 from experiments.measure.activation_theory import predicted_activation_bytes
 from experiments.measure.theory import Precision, zero_model_state_bytes
-from experiments.plan.cluster import GiB, Machine
+from experiments.plan.cluster import PROCESS_BYTES, Machine
 from experiments.plan.profile import ModelProfile
 from experiments.plan.sizes import rank_setting
 from experiments.plan.timing import StepTime, compute_dtype, step_time
@@ -25,11 +25,6 @@ from parallel.costs import Payload, Setting, fsdp_comm, optimizer_state_bytes_pe
 from parallel.mesh import Degrees
 from parallel.registry import StrategySpec, fsdp_stage, get_spec
 from parallel.strategies.pipeline import stages_per_rank
-
-# What a process holds before its model: a CPU rank's interpreter, torch and gloo (measured ~0.45
-# GiB RSS from the fork server, part of it shared), a GPU's CUDA context, NCCL's buffers and the
-# caching allocator's slack.
-PROCESS_BYTES = {"cpu": GiB // 4, "cuda": 2 * GiB}
 
 
 def fsdp_tp_pp_comm(x: Setting) -> Payload | None:

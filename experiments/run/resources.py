@@ -27,6 +27,7 @@ from torch import nn
 
 from experiments.config.schema import Config, ConfigError
 from experiments.measure.theory import Precision, zero_model_state_bytes
+from experiments.plan.cluster import PROCESS_BYTES
 from models import HEADED
 from parallel.distenv import uses_cuda
 from parallel.mesh import Degrees
@@ -35,9 +36,8 @@ if TYPE_CHECKING:
     from parallel.costs import ModelSizes
 
 GiB = 2**30
-# What one CPU rank holds before its model: the interpreter, torch, gloo (its own pages; a rank
-# forked from the fork server measures ~0.45 GiB RSS, part of it shared).
-RANK_BASE_BYTES = GiB // 4
+# What one CPU rank holds before its model: the interpreter, torch, gloo (the advisor's count).
+RANK_BASE_BYTES = PROCESS_BYTES["cpu"]
 # Open files the launcher keeps per local rank (pipes, error files, process sentinels).
 FDS_PER_RANK = 12
 FDS_SPARE = 64
