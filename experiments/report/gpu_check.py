@@ -3,7 +3,8 @@
 NCCL under ddp, fsdp, tp, pp, fsdp_tp and fsdp with context parallelism (torch's ring; each
 against one GPU's losses), CUDA memory against
 theory (and the peak reset after setup), MFU, bf16 (DataParallel's replica threads included), the
-pipeline bubble from CUDA events, the ranks-per-GPU check and pinned batches. Checks that need
+pipeline bubble from CUDA events, the advisor's calibration of this GPU and its prediction for a
+job beside the job's measurement, the ranks-per-GPU check and pinned batches. Checks that need
 more GPUs than the machine has say SKIP with the number they need. On a machine without CUDA it
 says so and exits 0. Exit 1 if any check fails.
 """
@@ -239,6 +240,41 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
             f"{peak['full'] / 2**20:.1f} < {peak['none'] / 2**20:.1f} MiB"
         )
 
+    def advisor() -> str:
+        """`make calibrate --quick` on this GPU into its preset's file, then the advisor's
+        prediction for a bf16 DDP job beside what the job measured."""
+        import json
+        import subprocess
+
+        from experiments.plan.cluster import ROOT
+
+        name = torch.cuda.get_device_name().lower()
+        preset = next(
+            (c for key, c in (("h200", "h200_8"), ("h100", "h100_8"), ("a100", "a100_8")) if key in name),
+            None,
+        )
+        if preset is None:
+            raise Skip(f"no cluster preset for {torch.cuda.get_device_name()}: add one to conf/cluster/")
+        cmd = [sys.executable, "-m", "experiments.report.calibrate", f"cluster={preset}", "--quick"]
+        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        cal = json.loads((ROOT / "calibration" / f"{preset}.json").read_text())
+        if not cal["matmul"].get("bf16"):
+            raise AssertionError("calibration wrote no bf16 matmul table")
+        world = min(gpus, 2)
+        m = _job(
+            root, "advisor", "strategy=ddp", *_launch(world), "train.precision=bf16", f"cluster={preset}"
+        )
+        plan = m["plan"]
+        if not plan.get("calibrated") or not plan.get("step_time_s"):
+            raise AssertionError(f"no calibrated step time in metrics.json's plan: {plan}")
+        err = (plan["step_time_s"] - m["step_time_s"]) / m["step_time_s"]
+        return (
+            f"calibrated {preset} (best bf16 matmul "
+            f"{max(2 * a * b * c / t for a, b, c, t in cal['matmul']['bf16']['0']) / 1e12:.0f} TFLOP/s); "
+            f"ddp ×{world} step {m['step_time_s'] * 1e3:.1f} ms, predicted {plan['step_time_s'] * 1e3:.1f} ms "
+            f"({err:+.0%}; a tiny model: host-bound)"
+        )
+
     def ranks_per_gpu() -> str:
         problem = check_gpus("auto", gpus + 1, gpus)
         if not problem:
@@ -269,6 +305,7 @@ def checks(root: Path, gpus: int) -> list[tuple[str, Callable[[], str]]]:
         ("mfu", mfu),
         ("bf16", bf16),
         ("pipeline bubble", bubble),
+        ("advisor: calibrate and predict", advisor),
         ("ranks per gpu", ranks_per_gpu),
         ("pinned batches", pinned),
     ]
