@@ -181,6 +181,7 @@ def test_a_cluster_with_no_devices_is_one_line():
             "fits no configuration on cluster=h100_8: 1 × 8 GPUs, 8 GiB",
         ),
         (["check=/"], "is not a sweep"),
+        (["cluster=h900_64"], "h900_64"),  # no such preset: Hydra's error, as train.py says it
     ],
 )
 def test_bad_plan_input_is_one_line(args, says, capsys):
@@ -190,6 +191,13 @@ def test_bad_plan_input_is_one_line(args, says, capsys):
     assert len(lines) == 1 and says in lines[0], err
     if "fits no configuration" in says:
         assert "it fits on cluster.nodes=" in lines[0]  # the smallest cluster that would
+
+
+def test_calibrate_refuses_a_bad_cluster_before_measuring(capsys):
+    from experiments.report.calibrate import main as calibrate_main
+
+    assert calibrate_main(["cluster.overlap=3"]) == 2
+    assert capsys.readouterr().err.strip() == "paralab: cluster.overlap=3.0 must be <= 1"
 
 
 def test_make_plan_is_one_command(tmp_path, capsys):

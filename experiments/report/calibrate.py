@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
+from experiments.config.ranges import check_ranges
 from experiments.config.schema import ConfigError, typed_config
 from experiments.plan.cluster import ROOT, cores, machine
 from experiments.plan.profile import count_ops
@@ -330,10 +332,15 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     overrides = [a for a in argv if a != "--quick"]
     try:
-        cluster = typed_config(compose_config(overrides)).cluster
+        cfg = typed_config(compose_config(overrides))
+        check_ranges(cfg)  # every number of the cluster, before a minute of measuring
+        cluster = cfg.cluster
         m = machine(cluster, calibrated=False)  # what is on file is about to be replaced
     except ConfigError as e:
         print(f"paralab: {e}", file=sys.stderr)
+        return 2
+    except COMPOSE_ERRORS as e:
+        print(f"paralab: config error: {compose_error_line(e)}", file=sys.stderr)
         return 2
     if not cluster.calibration:
         print(

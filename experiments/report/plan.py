@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
 from experiments.config.schema import Config, ConfigError, load_frozen, typed_config
 from experiments.plan.cluster import GiB, Machine, machine
 from experiments.plan.predict import Prediction, predict_config
@@ -361,6 +362,9 @@ def main(argv: list[str]) -> int:
         text = write_plan(cfg, m, predictions, profile, out, int(own.get("top", 20)))
     except ConfigError as e:
         print(f"paralab: {e}", file=sys.stderr)
+        return 2
+    except COMPOSE_ERRORS as e:  # a group option or key that does not exist
+        print(f"paralab: config error: {compose_error_line(e)}", file=sys.stderr)
         return 2
     print(text)
     print(
