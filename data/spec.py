@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -23,3 +24,11 @@ class DataSpec:
             return x, torch.zeros((n, self.seq_len), dtype=torch.long, device=device)
         x = torch.zeros((n, *self.input_shape), device=device)
         return x, torch.zeros(n, dtype=torch.long, device=device)
+
+
+def loss_fn_for(spec: DataSpec):
+    """The training loss of the task, in fp32 whatever the model computes in: cross-entropy over
+    classes, or over the vocabulary at every position."""
+    if spec.task == "lm":
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    return lambda logits, y: F.cross_entropy(logits.float(), y)

@@ -15,10 +15,9 @@ from data import dataset_spec
 from experiments.config.schema import ConfigError
 from experiments.plan.cluster import Calibration, machine
 from experiments.plan.predict import predict_config
-from experiments.plan.profile import ModelProfile, profile_model
+from experiments.plan.profile import profile_of
 from experiments.report.plan import load, plan, spearman, write_plan
 from experiments.report.plan import main as plan_main
-from models import meta_model
 from parallel.registry import resolve_degrees
 
 TOKENS = ["dataset=tokens", "dataset.seq_len=32", "dataset.vocab_size=64"]
@@ -66,16 +65,10 @@ def test_every_model_is_planned_on_this_machine(model, tmp_path):
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
 
 
-_profiles: dict[str, ModelProfile] = {}
-
-
 def _predict(overrides: list[str], nodes: int):
     cfg, m = load([*overrides, f"cluster.nodes={nodes}", "cluster.calibration="])
     data = dataset_spec(cfg.dataset)
-    key = repr((cfg.model, data))  # one profile per model and data shape, as a plan takes it
-    if key not in _profiles:
-        _profiles[key] = profile_model(meta_model(cfg.model, data), data)
-    profile = _profiles[key]
+    profile = profile_of(cfg.model, data)  # one profile per model and data shape, as a plan takes it
     degrees = resolve_degrees(cfg.strategy, m.devices)
     return predict_config(cfg, degrees, profile, data, m, overrides)
 

@@ -174,6 +174,15 @@ class RunRecord:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
+    def tracked_memory_bytes(self) -> float | None:
+        """Model state + activations on the rank that holds most, where both were measured."""
+        both = [
+            r[Tag.MODEL_STATE_BYTES] + r[Tag.ACTIVATIONS]
+            for r in self.ranks
+            if r and Tag.MODEL_STATE_BYTES in r and Tag.ACTIVATIONS in r
+        ]
+        return max(both) if both else None
+
     def peak_memory_bytes(self) -> float:
         return float(max((r.get(Tag.PEAK_RSS, r.get(Tag.CUDA_PEAK, 0)) for r in self.ranks), default=0))
 

@@ -17,12 +17,12 @@ from parallel.mesh import Degrees
 
 
 def predict_job(cfg: Config, degrees: Degrees, data: DataSpec) -> dict[str, Any]:
-    """The advisor's prediction for a job's own config on the job's cluster (metrics.json's `plan`)."""
+    """The advisor's prediction for a job's own config on the job's cluster (metrics.json's `plan`;
+    `make plan ARGS="check=<sweep>"` makes it again for each job of a finished sweep)."""
     from experiments.plan.cluster import machine
     from experiments.plan.predict import predict_config
-    from experiments.plan.profile import profile_model
-    from models import meta_model
+    from experiments.plan.profile import profile_of
 
     m = machine(cfg.cluster)
-    prediction = predict_config(cfg, degrees, profile_model(meta_model(cfg.model, data), data), data, m, [])
+    prediction = predict_config(cfg, degrees, profile_of(cfg.model, data), data, m, [])
     return {"cluster": m.describe(), "calibrated": m.calibrated, **prediction.as_record()}

@@ -16,7 +16,6 @@ from typing import Any
 from data.spec import DataSpec
 from experiments.config.schema import AC, Config
 from experiments.measure.activation_theory import predicted_activation_bytes
-from experiments.measure.theory import Precision, zero_model_state_bytes
 from experiments.plan.cluster import PROCESS_BYTES, Machine
 from experiments.plan.profile import ModelProfile
 from experiments.plan.sizes import rank_setting
@@ -78,9 +77,8 @@ def model_state(spec: StrategySpec, x: Setting) -> dict[str, float]:
     )
     if stage is not None:
         return spec.memory(stage, x)
-    b, k = x.sizes.param_bytes, optimizer_state_bytes_per_param(x.cfg)
-    whole = zero_model_state_bytes("dp", x.sizes.psi, 1, Precision(b, b, k))
-    return {"params": b * x.sizes.psi, "grads": b * x.sizes.psi, "optim": whole - 2 * b * x.sizes.psi}
+    b, psi = x.sizes.param_bytes, x.sizes.psi  # no ZeRO stage (the parameter server): all of it
+    return {"params": b * psi, "grads": b * psi, "optim": optimizer_state_bytes_per_param(x.cfg) * psi}
 
 
 def in_flight(cfg: Config, spec: StrategySpec, pp: int, pp_rank: int) -> float:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from data.spec import DataSpec
+from data.spec import DataSpec, loss_fn_for
+from experiments.config.schema import ModelConfig
 from models.moe import GroupedExperts
 from models.staged import blocks_of, tp_plan_of
 
@@ -95,7 +96,8 @@ class ModelProfile:
     samples: int = REFERENCE_SAMPLES
     has_conv: bool = False
     # Block parameters tensor parallelism splits (name within a block -> the dim it splits), from
-    # the model's TP plan; those of a mixture's experts, which expert parallelism splits instead.
+    # the model's TP plan (those a block has: a plan names a bias a bias-free linear lacks); those
+    # of a mixture's experts, which expert parallelism splits instead.
     tp_split: dict[str, int] = field(default_factory=dict)
     expert_params: frozenset[str] = frozenset()
 
@@ -229,10 +231,18 @@ def count_ops(fn) -> int:
     return sum(p.ops for d in (counted.forward, counted.backward) for p in d.values())
 
 
-def _loss(spec: DataSpec):
-    if spec.task == "lm":
-        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    return lambda logits, y: F.cross_entropy(logits.float(), y)
+_PROFILES: dict[str, ModelProfile] = {}
+
+
+def profile_of(model: ModelConfig, spec: DataSpec) -> ModelProfile:
+    """The profile of a model config on data of these shapes, made once per process: a sweep's
+    check and the tests ask for the same model under many strategies."""
+    from models import meta_model
+
+    key = repr((model, spec))
+    if key not in _PROFILES:
+        _PROFILES[key] = profile_model(meta_model(model, spec), spec)
+    return _PROFILES[key]
 
 
 def profile_model(model: nn.Module, spec: DataSpec) -> ModelProfile:
@@ -276,7 +286,7 @@ def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
         params=params,
         block_names=names,
         has_conv=any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()),
-        tp_split=_tp_split(model),
+        tp_split={k: d for k, d in _tp_split(model).items() if names and k in dict(params[names[0]])},
         expert_params=frozenset(
             f"{m}.{p}"
             for m, mod in (parts[names[0]].named_modules() if names else ())
@@ -311,7 +321,7 @@ def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
     try:
         with torch.random.fork_rng(devices=[]), mode:
             mode("stem" if names else "head", "forward")
-            loss = _loss(spec)(model(x), y)
+            loss = loss_fn_for(spec)(model(x), y)
             mode("head", "backward")
             loss.backward()
     finally:

@@ -17,6 +17,7 @@ from parallel.levers import check_levers
 from parallel.mesh import Degrees
 from parallel.plans import check_plans
 from parallel.registry import get_spec, resolve_degrees
+from parallel.strategies.pipeline import stages_per_rank
 
 # Pipeline schedules the advisor weighs (each with its default stages per rank).
 SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "interleaved_zb", "zbv")
@@ -69,7 +70,11 @@ def _strategies(world: int, per_node: int, model: nn.Module) -> Iterator[dict[st
             continue
         for schedule in SCHEDULES:
             for m in (pp, 2 * pp, 4 * pp, 8 * pp):
-                pipe = {"schedule": schedule, "microbatches": m, "stages_per_rank": 0}
+                pipe = {
+                    "schedule": schedule,
+                    "microbatches": m,
+                    "stages_per_rank": stages_per_rank(schedule, 0),
+                }
                 if pp == world:
                     yield {"name": "pp", "pp": pp, **pipe}
                 else:
@@ -96,20 +101,15 @@ def candidates(
 ) -> Iterator[tuple[Config, Degrees, list[str]]]:
     """(config, its degrees, the overrides that make it) for each runnable configuration."""
     acs = [AC.none, AC.full, AC.selective] if blocks_of(model) is not None else [AC.none]
-    seen: set[tuple] = set()
     for fields in _strategies(world, per_node, model):
         name = str(fields["name"])
         spec = get_spec(name)
         base = dataclasses.replace(
             cfg.strategy,
-            **{k: v for k, v in fields.items()},
+            **fields,
             reshard_after_forward=spec.fixed_reshard if spec.fixed_reshard is not None else True,
             **({} if "pp" in fields else {"schedule": "gpipe", "microbatches": 4, "stages_per_rank": 1}),
         )
-        if "stages_per_rank" in fields and fields["stages_per_rank"] == 0:
-            from parallel.strategies.pipeline import stages_per_rank
-
-            base = dataclasses.replace(base, stages_per_rank=stages_per_rank(base.schedule, 0))
         for ac in acs:
             c = dataclasses.replace(
                 cfg, strategy=base, train=dataclasses.replace(cfg.train, ac=ac, ac_every=1, compile=False)
@@ -123,8 +123,4 @@ def candidates(
                 check_levers(c, model, spec.no_compile, spec.pipelined)
             except ConfigError:
                 continue
-            key = (name, tuple(sorted(fields.items())), ac)
-            if key in seen:
-                continue
-            seen.add(key)
             yield c, degrees, [*_label({k: v for k, v in fields.items() if k != "stages_per_rank"}, ac)]

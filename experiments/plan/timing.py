@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 from experiments.config.schema import AC, Config
+from experiments.measure.flops import compute_dtype as flops_dtype
 from experiments.measure.theory import ring_bytes
 from experiments.plan.cluster import Machine
 from experiments.plan.profile import ModelProfile, Part
@@ -59,9 +60,9 @@ class StepTime:
 
 
 def compute_dtype(cfg: Config) -> str:
-    if cfg.train.precision == "bf16" or cfg.strategy.mp_param_dtype == "bf16":
-        return "bf16"
-    return "fp64" if cfg.train.precision == "fp64" else "fp32"
+    """The dtype the matmuls run in, as MFU reads it (experiments/measure/flops.py), with torch's
+    defaults for fp32 on a GPU: matmuls in full fp32 (no TF32), which the advisor prices."""
+    return flops_dtype(cfg, tf32_matmul=False, tf32_conv=False, has_conv=False)
 
 
 @dataclass
@@ -180,8 +181,7 @@ def _optimizer_s(
     if spec.fill == "dp_shard":
         dtensors = tensors
     else:
-        held = {n for n, _ in profile.params[profile.block_names[0]]} if profile.block_names else set()
-        in_plan = len(held & set(profile.tp_split)) if spec.needs_tp_plan else 0
+        in_plan = len(profile.tp_split) if spec.needs_tp_plan else 0
         dtensors = in_plan * x.sizes.blocks_here + len(x.sizes.expert_shapes)
     per_tensor = m.host_s(kind, price.threads)
     if per_tensor:
@@ -208,7 +208,7 @@ def _framework_s(
     if spec.wraps_ddp:
         out += len(sizes.local_shapes) * micro_steps * m.host_s("ddp_param", price.threads)
     if spec.needs_tp_plan:
-        linears = sum(1 for name, dim in profile.tp_split.items() if name.endswith("weight"))
+        linears = sum(1 for name in profile.tp_split if name.endswith("weight"))
         out += 3 * linears * sizes.blocks_here * micro_steps * m.host_s("tp_linear", price.threads)
     return out
 

@@ -67,12 +67,8 @@ class Job:
 
     def rank_memory(self) -> float | None:
         """Model state + activations on the rank that holds most (MiB), where both are measured."""
-        both = [
-            r[Tag.MODEL_STATE_BYTES] + r[Tag.ACTIVATIONS]
-            for r in self.r.ranks
-            if r and Tag.MODEL_STATE_BYTES in r and Tag.ACTIVATIONS in r
-        ]
-        return max(both) / MiB if both else None
+        both = self.r.tracked_memory_bytes()
+        return None if both is None else both / MiB
 
     def rank_mean(self, key: str) -> float | None:
         values = [r[key] for r in self.r.ranks if r and key in r]
@@ -204,13 +200,13 @@ def _planned(j: Job) -> dict[str, str]:
     """The advisor's prediction for the job's own config (metrics.json's `plan`) beside what ran."""
     p = j.r.plan or {}
     step_p, mem_p = p.get("step_time_s"), p.get("tracked_memory_bytes")
-    mem = j.rank_memory()
+    mem = j.r.tracked_memory_bytes()
     return {
         "step s": _timing(f"{j.r.step_time_s:.4g}", j.r.timing_meaningful),
         "plan step s": _fmt(step_p, 1, 4),
         "plan step Δ": _timing(_pct(j.r.step_time_s, step_p), j.r.timing_meaningful),
         "plan mem MiB": _fmt(mem_p, MiB, 3),
-        "plan mem Δ": _pct(mem * MiB if mem is not None else None, mem_p),
+        "plan mem Δ": _pct(mem, mem_p),
     }
 
 

@@ -259,8 +259,8 @@ class Checked:
 
 def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     from data import dataset_spec
-    from experiments.measure.record import METRICS_FILE, RunRecord, Tag
-    from models import meta_model
+    from experiments.measure.record import METRICS_FILE, RunRecord
+    from experiments.plan import predict_job
     from parallel.mesh import Degrees
 
     # A sweep's job dirs are its children (or it is one job dir itself): no deeper search, so a
@@ -274,29 +274,20 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
         )
     # The cluster to predict for is the plan command's (this machine, calibrated, by default).
     cluster = typed_config(compose_config(cluster_overrides)).cluster
-    m = machine(cluster)
     out = []
     for job in jobs:
         r = RunRecord.read(job)
         cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
-        data = dataset_spec(cfg.dataset)
-        p = predict_config(
-            cfg, Degrees(**r.degrees), profile_model(meta_model(cfg.model, data), data), data, m, []
-        )
-        tracked = [
-            rank[Tag.MODEL_STATE_BYTES] + rank[Tag.ACTIVATIONS]
-            for rank in r.ranks
-            if rank and Tag.MODEL_STATE_BYTES in rank and Tag.ACTIVATIONS in rank
-        ]
+        p = predict_job(cfg, Degrees(**r.degrees), dataset_spec(cfg.dataset))
         out.append(
             Checked(
                 str(job.relative_to(sweep)) if job != sweep else job.name,
                 f"{r.strategy} ws={r.world_size} {cfg.model.label}",
                 r.timing_meaningful,
                 r.step_time_s,
-                p.time.step_s if p.time else None,
-                max(tracked) if tracked else None,
-                p.tracked,
+                p.get("step_time_s"),
+                r.tracked_memory_bytes(),
+                p["tracked_memory_bytes"],
             )
         )
     return out

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from data import build_dataset, dataset_spec, make_loader
-from data.spec import DataSpec
+from data.spec import DataSpec, loss_fn_for
 from experiments.config.schema import Config
 from experiments.measure.flops import peak_flops_per_s, training_flops_per_sample
 from experiments.measure.metrics import TensorBoardSink
@@ -41,12 +40,6 @@ def pinned(batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, T
     """Batches in page-locked memory, so the step's non_blocking copies overlap compute."""
     for x, y in batches:
         yield x.pin_memory(), y.pin_memory()
-
-
-def loss_fn_for(spec: DataSpec):
-    if spec.task == "lm":
-        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-    return lambda logits, y: F.cross_entropy(logits.float(), y)
 
 
 def with_aux_loss(loss_fn, model: nn.Module, terms: list[Tensor]):
