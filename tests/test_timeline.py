@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,12 +87,48 @@ def test_every_rank_writes_a_trace_and_the_split_is_the_step(jobs):
         assert r["time/compute"] > 0 and r["time/exposed_comm/world"] > 0
 
 
+def _backward_under_comm(trace_file: Path) -> list[str]:
+    """The backward ops of the step's thread that run while one of gloo's collectives does: aten
+    ops inside an autograd node, less the launch itself (a bucket's all-reduce is issued from
+    within the AccumulateGrad node that makes it ready)."""
+    with gzip.open(trace_file, "rt") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    main = next(e["tid"] for e in events if str(e.get("name", "")).startswith("ProfilerStep#"))
+
+    def spans(prefix: str, tid_is_main: bool) -> list[tuple[float, float]]:
+        return [
+            (e["ts"], e["ts"] + e["dur"])
+            for e in events
+            if str(e.get("name", "")).startswith(prefix) and (e["tid"] == main) == tid_is_main
+        ]
+
+    comm, nodes = spans("gloo:", False), spans("autograd::engine::evaluate_function", True)
+    launches = spans("c10d::", True)
+
+    def inside(t: float, within: list[tuple[float, float]]) -> bool:
+        return any(a <= t < b for a, b in within)
+
+    return [
+        e["name"]
+        for e in events
+        if e["tid"] == main
+        and str(e["name"]).startswith("aten::")
+        and inside(e["ts"], nodes)
+        and not inside(e["ts"], launches)
+        and any(a < e["ts"] + e["dur"] and e["ts"] < b for a, b in comm)
+    ]
+
+
 def test_many_ddp_buckets_overlap_backward_and_one_cannot(jobs, tmp_path):
     one, one_dir = jobs("strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=100")
     many, many_dir = jobs("strategy=ddp", "launcher.nproc_per_node=2", "strategy.bucket_cap_mb=0.01")
     for a, b in zip(one["ranks"], many["ranks"], strict=True):
-        # One bucket is all-reduced once backward is over: nothing of it runs under compute.
-        assert a.get("time/overlapped_comm/world", 0.0) == 0.0, a
+        # One bucket is all-reduced once backward is over: no backward op runs under it. (The
+        # split may still count a little overlap: gloo's worker thread records a span's end after
+        # it completes the result, late when the CPU is oversubscribed; docs/measurement.md.)
+        trace = f"rank{a['rank']}.pt.trace.json.gz"
+        assert _backward_under_comm(one_dir / "traces" / trace) == [], a
+        assert _backward_under_comm(many_dir / "traces" / trace), b
         assert b["time/overlapped_comm/world"] > 0.0, b
     # The compare report draws the split, one stacked bar per job.
     root = tmp_path / "sweep"
