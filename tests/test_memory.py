@@ -109,9 +109,13 @@ def test_activations_are_counted_per_rank_by_the_strategy_that_holds_them():
     ddp = activation_bytes_per_rank(cfg, d)
     cfg, d = _typed(*GPT, "strategy=ddp", "launcher.nproc_per_node=4")
     assert activation_bytes_per_rank(cfg, d) == pytest.approx(ddp / 2)  # half the batch each
-    cfg, d = _typed(*GPT, "strategy=pp", "launcher.nproc_per_node=2")
-    pp = activation_bytes_per_rank(cfg, d)  # the whole batch, half of the 3 blocks (2 on rank 0)
-    assert ddp < pp < 2 * ddp
+    # A pipeline rank (2 of the 3 blocks on rank 0) keeps the micro-batches its schedule has in
+    # flight: GPipe all of them (the whole batch), 1F1B at most one per stage ahead (2 of 4).
+    cfg, d = _typed(*GPT, "strategy=pp", "strategy.schedule=gpipe", "launcher.nproc_per_node=2")
+    gpipe = activation_bytes_per_rank(cfg, d)
+    assert ddp < gpipe < 2 * ddp
+    cfg, d = _typed(*GPT, "strategy=pp", "strategy.schedule=1f1b", "launcher.nproc_per_node=2")
+    assert activation_bytes_per_rank(cfg, d) == pytest.approx(gpipe / 2)
     cfg, d = _typed(*GPT, "strategy=ddp", "launcher.nproc_per_node=2", "train.ac=full")
     assert activation_bytes_per_rank(cfg, d) < ddp / 5
 

@@ -1,7 +1,8 @@
 """The pre-launch memory check counts what the run's theory predicts: one formula for both.
 
 No process starts here: the theory's side is built as experiments/train/setup.py builds it on a rank,
-from a real (unsharded) model, which holds the same shapes where tp = pp = 1.
+from a real (unsharded) model, which holds the same shapes where tp = pp = 1; under TP and PP the
+check is the advisor's count of the job (checked against the ranks in test_measure).
 """
 
 from __future__ import annotations
@@ -88,14 +89,36 @@ def test_deepspeed_is_counted_with_its_fp32_master_partition(stage):
     assert model_state_bytes_per_rank(cfg, d) == pytest.approx(paper + 4 * psi / n + gathered)
 
 
-def test_tensor_parallel_falls_back_to_the_paper_on_a_share_of_the_parameters():
-    # predict.memory has no prediction under TP; fsdp_tp has no ZeRO stage in the registry, so
-    # the fallback counts it as plain data parallelism (more than it holds: the check errs safe).
-    cfg, d = _config("strategy=fsdp_tp", "strategy.tp=2", *GPT, *ADAMW, world=4)
-    assert get_spec("fsdp_tp").zero_stage(cfg.strategy) is None
-    psi = parameter_count(cfg) / 2
-    expected = zero_model_state_bytes("dp", psi, d.dp, Precision(4, 4, 8))
-    assert model_state_bytes_per_rank(cfg, d) == pytest.approx(expected)
+@pytest.mark.parametrize(
+    ("overrides", "even_is_over"),
+    [
+        (("strategy=fsdp_tp", "strategy.tp=2"), True),
+        (("strategy=tp",), False),
+        (("strategy=pp", "strategy.schedule=1f1b"), False),
+        (("strategy=pp", "strategy.schedule=gpipe"), False),
+        (("strategy=ddp_pp",), False),
+    ],
+    ids=["fsdp_tp", "tp", "pp-1f1b", "pp-gpipe", "ddp_pp"],
+)
+def test_tensor_and_pipeline_ranks_are_counted_as_the_advisor_counts_each_ranks_own_share(
+    overrides, even_is_over
+):
+    """Under TP and PP a rank's share depends on the plan and the stage split: the check counts
+    the fullest rank as the advisor does for the job (metrics.json's `plan`, which test_measure
+    checks against what the ranks hold), not the paper's formula on an even 1/(tp·pp)."""
+    from data import dataset_spec
+    from experiments.plan import predict_job
+    from experiments.run.resources import rank_bytes
+
+    cfg, d = _config(*overrides, *GPT, *ADAMW, world=4)
+    plan = predict_job(cfg, d, dataset_spec(cfg.dataset))
+    assert model_state_bytes_per_rank(cfg, d) == pytest.approx(plan["model_state_bytes"], rel=1e-12)
+    assert sum(rank_bytes(cfg, d).values()) == pytest.approx(plan["memory_bytes"], rel=1e-12)
+    # The check's old count, DP's formula on an even 1/(tp·pp) of the parameters, was wrong both
+    # ways: over where FSDP shards the TP shards again, under where a rank holds the embedding or
+    # the head whole (TP leaves them replicated; a pipeline's first and last stages hold them).
+    even = zero_model_state_bytes("dp", parameter_count(cfg) / (d.tp * d.pp), d.dp, Precision(4, 4, 8))
+    assert (model_state_bytes_per_rank(cfg, d) < even) == even_is_over
 
 
 def test_zero1_counts_the_fullest_ranks_share_as_zero_redundancy_optimizer_assigns_it():

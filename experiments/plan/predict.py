@@ -157,16 +157,22 @@ class Prediction:
         return out
 
 
-def predict_config(
-    cfg: Config,
-    degrees: Degrees,
-    profile: ModelProfile,
-    data: DataSpec,
-    machine: Machine,
-    overrides: list[str],
-    timed: bool = True,
-) -> Prediction:
-    """`timed=False`: memory only (what fits), no step time."""
+@dataclass
+class RankMemory:
+    """Each pipeline rank's bytes by category (one entry off a pipeline), and the fullest's."""
+
+    settings: list[Setting]
+    memories: list[dict[str, float]]
+    worst: dict[str, float]
+    tracked: float  # see Prediction.tracked
+    notes: list[str]
+
+
+def rank_memory(
+    cfg: Config, degrees: Degrees, profile: ModelProfile, data: DataSpec, cpu: bool
+) -> RankMemory:
+    """Memory by category on every pipeline rank (its layout is all it reads of `profile`): the
+    advisor's and the pre-launch check's count."""
     spec = get_spec(cfg.strategy.name)
     pps = range(degrees.pp) if spec.pipelined else range(1)
     settings = [rank_setting(profile, cfg, degrees, spec, data, r) for r in pps]
@@ -193,14 +199,30 @@ def predict_config(
         micro = cfg.strategy.microbatches if spec.pipelined and not spec.one_batch else 1
         tracked = max(tracked, sum(mem.values()) + (acts or 0.0) * micro)
         mem["activations"] = (acts or 0.0) * in_flight(cfg, spec, degrees.pp, x.pp_rank)
-        mem["buffers"] = _buffers(spec, x, machine)
+        mem["buffers"] = _buffers(spec, x, cpu)
         memories.append(mem)
         if sum(mem.values()) > sum(worst.values()):
             worst = mem
     if degrees.ep > 1:
         notes.append("expert parallelism's dispatch buffers not counted")
+    return RankMemory(settings, memories, worst, tracked, notes)
+
+
+def predict_config(
+    cfg: Config,
+    degrees: Degrees,
+    profile: ModelProfile,
+    data: DataSpec,
+    machine: Machine,
+    overrides: list[str],
+    timed: bool = True,
+) -> Prediction:
+    """`timed=False`: memory only (what fits), no step time."""
+    spec = get_spec(cfg.strategy.name)
+    held = rank_memory(cfg, degrees, profile, data, machine.cpu)
+    settings, worst, notes = held.settings, held.worst, held.notes
     payloads = [payload_of(spec, x) for x in settings]
-    time = step_time(settings, payloads, memories, profile, spec, machine) if timed else None
+    time = step_time(settings, payloads, held.memories, profile, spec, machine) if timed else None
     if time is None and timed:
         notes.append(f"strategy={cfg.strategy.name}'s communication is not predicted here: no step time")
     ranks_per_node = min(degrees.world_size, machine.devices_per_node)
@@ -215,15 +237,17 @@ def predict_config(
         if sps is not None and peak and not machine.cpu
         else None
     )
-    return Prediction(cfg, overrides, degrees, worst, time, sps, tps, mfu, over <= 0, over, tracked, notes)
+    return Prediction(
+        cfg, overrides, degrees, worst, time, sps, tps, mfu, over <= 0, over, held.tracked, notes
+    )
 
 
-def _buffers(spec: StrategySpec, x: Setting, machine: Machine) -> float:
+def _buffers(spec: StrategySpec, x: Setting, cpu: bool) -> float:
     """Beyond model state and activations: DDP's gradient buckets (a copy of every gradient unless
     they are views), FSDP's unsharded gradient of one group for its reduce-scatter and the next
     group's prefetched gather, and what a process holds before its model."""
     b, s = x.sizes.param_bytes, x.cfg.strategy
-    out = float(PROCESS_BYTES["cpu" if machine.cpu else "cuda"])
+    out = float(PROCESS_BYTES["cpu" if cpu else "cuda"])
     if spec.wraps_ddp and not s.gradient_as_bucket_view:
         out += b * x.sizes.local_psi
     elif spec.fill == "dp_shard" and x.sizes.blocks_here:

@@ -231,17 +231,19 @@ def count_ops(fn) -> int:
     return sum(p.ops for d in (counted.forward, counted.backward) for p in d.values())
 
 
-_PROFILES: dict[str, ModelProfile] = {}
+_PROFILES: dict[tuple[str, bool], ModelProfile] = {}
 
 
-def profile_of(model: ModelConfig, spec: DataSpec) -> ModelProfile:
+def profile_of(model: ModelConfig, spec: DataSpec, ops: bool = True) -> ModelProfile:
     """The profile of a model config on data of these shapes, made once per process: a sweep's
-    check and the tests ask for the same model under many strategies."""
+    check and the tests ask for the same model under many strategies. `ops=False`: its layout
+    only, for memory (milliseconds where a profile takes up to seconds)."""
     from models import meta_model
 
-    key = repr((model, spec))
+    key = (repr((model, spec)), ops)
     if key not in _PROFILES:
-        _PROFILES[key] = profile_model(meta_model(model, spec), spec)
+        built = meta_model(model, spec)
+        _PROFILES[key] = profile_model(built, spec) if ops else layout(built)
     return _PROFILES[key]
 
 
@@ -265,7 +267,9 @@ def profile_model(model: nn.Module, spec: DataSpec) -> ModelProfile:
     return ref
 
 
-def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
+def layout(model: nn.Module) -> ModelProfile:
+    """The model's parameters by part, and what TP and EP split: all the memory model reads, with
+    no op run (the pre-launch check's; a profile adds the ops)."""
     blocks = blocks_of(model)
     names = list(blocks) if blocks is not None else []
     parts: dict[str, nn.Module] = {n: blocks[n] for n in names} if blocks is not None else {}
@@ -280,7 +284,7 @@ def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
     for pname, p in model.named_parameters():
         if id(p) not in in_blocks:
             params["head" if id(p) in in_head else "stem"].append((pname, tuple(p.shape)))
-    profile = ModelProfile(
+    return ModelProfile(
         forward={},
         backward={},
         params=params,
@@ -294,6 +298,13 @@ def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
             for p, _ in mod.named_parameters()
         ),
     )
+
+
+def _profile_at(model: nn.Module, spec: DataSpec, samples: int) -> ModelProfile:
+    profile = layout(model)
+    names = profile.block_names
+    blocks = blocks_of(model)
+    parts: dict[str, nn.Module] = {n: blocks[n] for n in names} if blocks is not None else {}
     mode = _Attribute(profile)
     hooks = []
     # Forward: each block's ops are its own from its pre-hook to its post-hook; what follows the last

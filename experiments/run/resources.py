@@ -1,15 +1,14 @@
-"""Will the job fit this machine? Ranks vs devices and open files, predicted model state vs memory,
+"""Will the job fit this machine? Ranks vs devices and open files, predicted memory vs memory,
 checkpoints vs disk: checked before launch, and a refusal says what does fit.
 
-The model-state bytes are the run-time theory's (experiments/measure/predict.py's `memory` over
-the strategy's model in parallel/costs.py: what the
-strategy's implementation holds, DeepSpeed's fp32 master partition included), with this run's
-parameters counted on a meta-device model: nothing is allocated. One formula for both, so the
-bytes this check refuses are the `theory/mem/model_state_bytes` the run would log. Activations
-are counted too, as `theory/mem/activations_bytes` (experiments/measure/activation_theory.py)
-where the model's count is known, on the fullest rank (a pipeline's stage with the most blocks).
-torch's own buffers come on top, so a job that passes can still run out of memory; one that fails
-cannot run.
+The bytes are the advisor's count of the fullest rank (experiments/plan/predict.py's rank_memory):
+model state by the run-time theory (parallel/costs.py: what the strategy's implementation holds,
+DeepSpeed's fp32 master partition included) on each pipeline and TP rank's own parameters, counted
+on a meta-device model (nothing is allocated); activations (experiments/measure/activation_theory.py)
+for the micro-batches the schedule keeps in flight; buffers and the process itself. The same
+counts the run logs as `theory/mem/*` and metrics.json's `plan`, which test_measure checks
+against what each rank holds. torch's own workspace comes on top, so a job that passes can
+still run out of memory; one that fails cannot run.
 """
 
 from __future__ import annotations
@@ -20,24 +19,16 @@ import resource
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from experiments.config.schema import Config, ConfigError
-from experiments.measure.theory import Precision, zero_model_state_bytes
-from experiments.plan.cluster import PROCESS_BYTES
 from models import HEADED
 from parallel.distenv import uses_cuda
 from parallel.mesh import Degrees
 
-if TYPE_CHECKING:
-    from parallel.costs import ModelSizes
-
 GiB = 2**30
-# What one CPU rank holds before its model: the interpreter, torch, gloo (the advisor's count).
-RANK_BASE_BYTES = PROCESS_BYTES["cpu"]
 # Open files the launcher keeps per local rank (pipes, error files, process sentinels).
 FDS_PER_RANK = 12
 FDS_SPARE = 64
@@ -81,68 +72,28 @@ def _check_dataset_memory(cfg: Config, local: int) -> None:
         )
 
 
-def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
-    """Model-state bytes (parameters, gradients, optimizer state) on one rank; the fullest, where ranks differ."""
+def rank_bytes(cfg: Config, degrees: Degrees) -> dict[str, float]:
+    """The fullest rank's bytes by category (params, params_gathered, grads, optim, activations,
+    buffers) as the advisor counts them (experiments/plan/predict.py's rank_memory): each pipeline
+    and TP rank's own parameters, the schedule's micro-batches in flight, the process itself."""
     from data import dataset_spec
-    from experiments.measure.predict import memory
-    from experiments.measure.record import Tag
-    from parallel.costs import Setting, optimizer_state_bytes_per_param
-    from parallel.registry import get_spec
+    from experiments.plan.predict import rank_memory
+    from experiments.plan.profile import profile_of
 
-    spec = get_spec(cfg.strategy.name)
-    stage = spec.zero_stage(cfg.strategy)
-    model = meta_model(cfg)
-    sizes = model_sizes(model, degrees.dp if stage == "os" else 1)
-    local_batch = cfg.train.global_batch_size // degrees.dp
-    x = Setting(cfg, degrees, sizes, local_batch, dataset_spec(cfg.dataset).seq_len)
-    theory = memory(stage, x, spec.memory, spec.zero_ranks(degrees))
-    if theory:
-        return theory[Tag.THEORY_MODEL_STATE]
-    # predict.memory makes no prediction under tensor or pipeline parallelism (a rank's share
-    # depends on the plan and the stage split), nor for strategies without a ZeRO stage (ps):
-    # the paper's fp32 formula on an even 1/(tp·pp) of the parameters, plain DP where no stage.
-    psi = sizes.psi / (degrees.tp * degrees.pp)
-    k = optimizer_state_bytes_per_param(cfg)
-    b = sizes.param_bytes
-    return zero_model_state_bytes(stage or "dp", psi, degrees.dp, Precision(b, b, k))
+    data = dataset_spec(cfg.dataset)
+    layout = profile_of(cfg.model, data, ops=False)
+    return rank_memory(cfg, degrees, layout, data, not uses_cuda(cfg.train.device)).worst
+
+
+def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
+    """Parameters, gradients and optimizer state on the fullest rank."""
+    return sum(v for k, v in rank_bytes(cfg, degrees).items() if k not in ("activations", "buffers"))
 
 
 def activation_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
-    """What autograd keeps for one micro-step on the fullest rank (experiments/measure/activation_theory.py);
+    """What autograd keeps on the fullest rank at its peak (a pipeline's micro-batches in flight);
     0 where the model's count is not known."""
-    from data import dataset_spec
-    from experiments.measure.activation_theory import predicted_activation_bytes
-    from models.staged import blocks_of
-    from parallel.registry import get_spec
-    from parallel.strategies.pipeline import rank_blocks
-
-    t, s = cfg.train, cfg.strategy
-    blocks = blocks_of(meta_model(cfg))
-    n = len(blocks) if blocks is not None else 0
-    samples = t.global_batch_size / degrees.dp / t.grad_accum_steps
-    if get_spec(s.name).pipelined:
-        placements = [rank_blocks(n, degrees.pp, r, s.schedule, s.stages_per_rank) for r in range(degrees.pp)]
-    else:
-        placements = [(list(range(n)), True, True)]
-    data = dataset_spec(cfg.dataset)
-    counts = [
-        predicted_activation_bytes(cfg, data, samples, *p, t=degrees.tp, cp=degrees.cp) for p in placements
-    ]
-    return max((c for c in counts if c is not None), default=0.0)
-
-
-def model_sizes(model: nn.Module, zero1_ranks: int = 1) -> ModelSizes:
-    """The sizes predict.memory reads, as setup measures them on the built model: here on an
-    unsharded (meta) one, so only valid where tp = pp = 1, the only case it predicts.
-
-    `zero1_ranks` > 1: ZeroRedundancyOptimizer's share of the rank that owns the most.
-    """
-    from experiments.plan.sizes import zero1_largest_share
-    from parallel.costs import ModelSizes
-
-    numels = [p.numel() for p in model.parameters()]
-    share = zero1_largest_share(numels, zero1_ranks) if zero1_ranks > 1 else None
-    return ModelSizes.of(model, sum(numels), next(model.parameters()).element_size(), assigned_psi=share)
+    return rank_bytes(cfg, degrees)["activations"]
 
 
 def parameter_count(cfg: Config) -> int:
@@ -157,8 +108,9 @@ def meta_model(cfg: Config) -> nn.Module:
 
 
 def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:
-    state = model_state_bytes_per_rank(cfg, degrees)
-    acts = activation_bytes_per_rank(cfg, degrees)
+    held = rank_bytes(cfg, degrees)
+    acts, base = held["activations"], held["buffers"]
+    state = sum(held.values()) - acts - base
     have = (
         min(torch.cuda.get_device_properties(i).total_memory for i in range(local))
         if cuda
@@ -173,16 +125,14 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
     )
     if acts:
         model += f"; {acts / GiB:.2f} GiB of activations per rank (train.ac={cfg.train.ac})"
+    model += f"; {base / GiB:.2f} GiB of buffers and the process itself"
     if cuda:
         said = f"{model}; each GPU has {have / GiB:.1f} GiB"
     else:
-        said = (
-            f"{local} ranks need ~{need / GiB:.1f} GiB of RAM ({model}; plus ~{RANK_BASE_BYTES / GiB:.2f} GiB "
-            f"per process), {have / GiB:.1f} GiB available"
-        )
+        said = f"{local} ranks need ~{need / GiB:.1f} GiB of RAM ({model}), {have / GiB:.1f} GiB available"
     fits = lambda c: _need(c, degrees, local, cuda) <= have  # noqa: E731
     hint = _levers_that_fit(cfg, degrees, fits) + _what_fits(cfg, degrees, fits)
-    ranks = int(have // (state + acts + RANK_BASE_BYTES))
+    ranks = int(have // sum(held.values()))
     if not cuda and ranks >= 1:
         hint.append(f"launcher.nproc_per_node <= {ranks}")
     raise ConfigError(
@@ -191,8 +141,8 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
 
 
 def _need(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> float:
-    per_rank = model_state_bytes_per_rank(cfg, degrees) + activation_bytes_per_rank(cfg, degrees)
-    return per_rank if cuda else local * (per_rank + RANK_BASE_BYTES)
+    per_rank = sum(rank_bytes(cfg, degrees).values())
+    return per_rank if cuda else local * per_rank
 
 
 def _levers_that_fit(cfg: Config, degrees: Degrees, fits: Callable[[Config], bool]) -> list[str]:
