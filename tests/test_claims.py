@@ -150,7 +150,7 @@ NARROWER = {
     "memory_levers": {"strategy": ["ddp"], "train.ac": ["selective"]},
     "hsdp": {"strategy.dp_replicate": ["2"]},
     "context_scaling": {"dataset.seq_len": ["128"]},
-    "pipeline_bubble": {"strategy.schedule": ["1f1b"]},
+    "pipeline_bubble": {"strategy.schedule": ["1f1b"], "strategy.microbatches": ["4"]},
     "zero_memory": {"strategy": ["zero3"]},
     "scaling": {"strategy": ["fsdp"]},
     "expert_scaling": {"model.experts": ["4"], "strategy.ep": ["2"]},

@@ -175,10 +175,17 @@ def test_a_cluster_with_no_devices_is_one_line():
         ),
         (["check=/"], "is not a sweep"),
         (["cluster=h900_64"], "h900_64"),  # no such preset: Hydra's error, as train.py says it
+        (["+foo=1"], "foo is not a paralab key"),
+        (["top=abc"], "top=abc must be a whole number >= 1"),
+        (["top=0"], "top=0 must be a whole number >= 1"),
+        (
+            ["model=mlp", "train.global_batch_size=8", "cluster=h100_8", "cluster.nodes=1000000000"],
+            "lower cluster.nodes or raise train.global_batch_size",
+        ),
     ],
 )
 def test_bad_plan_input_is_one_line(args, says, capsys):
-    assert plan_main([*args, "out=/nonexistent/never-written"]) == 2
+    assert plan_main([*args, "out=/nonexistent/never-written"]) == 2  # refused before it writes
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], err
@@ -186,11 +193,84 @@ def test_bad_plan_input_is_one_line(args, says, capsys):
         assert "it fits on cluster.nodes=" in lines[0]  # the smallest cluster that would
 
 
-def test_calibrate_refuses_a_bad_cluster_before_measuring(capsys):
+def test_a_plan_already_written_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "plan.md").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine too")
+    for out, says in ((tmp_path, "already holds plan.md"), (a_file, "is a file")):
+        assert plan_main(["model=mlp", f"out={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+    assert (tmp_path / "plan.md").read_text() == "mine" and a_file.read_text() == "mine too"
+
+
+def test_check_refuses_a_broken_job_and_a_key_of_the_jobs_own(tmp_path, capsys):
+    job = tmp_path / "strategy=ddp"
+    job.mkdir()
+    (job / "metrics.json").write_text('{"cut off')
+    for args, says in (
+        ([], "job strategy=ddp cannot be read (JSONDecodeError"),
+        (["model=llama"], "only cluster= and cluster.* may be given"),
+        (["cluster.overlap=2"], "cluster.overlap=2.0 must be <= 1"),
+    ):
+        assert plan_main([f"check={tmp_path}", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"cut off', "JSONDecodeError"),
+        ({"matmul": {"fp32": {}}}, "matmul.fp32 has no thread counts"),
+        ({"matmul": {"fp32": {"1": [[16, 16, 16]]}}}, "expected 4 finite numbers"),
+        ({"matmul": {"fp32": {"1": [[0, 16, 16, 1e-6]]}}}, "sizes must be > 0"),
+        ({"elementwise": {"1": [[4096, float("nan")]]}}, "expected 2 finite numbers"),
+        ({"collectives": {"all_reduce": {"2": [100.0, 0.0]}}}, "GB/s > 0"),
+        ({"host_us": {"1": {"adamw": -1.0}}}, "host_us must be finite numbers >= 0"),
+        (None, "is not a file"),  # a directory
+    ],
+)
+def test_a_calibration_file_is_checked_before_it_prices_anything(tmp_path, content, says):
+    """Read by make plan, by train.py before launch (train.predict) and by the check."""
+    from experiments.run.validate import validate
+    from tests.test_resources import _config
+
+    path = tmp_path / "cal.json"
+    if content is None:
+        path.mkdir()
+    else:
+        raw = (
+            content
+            if isinstance(content, str)
+            else json.dumps(
+                {
+                    "matmul": {},
+                    "attention": {},
+                    "op_overhead_us": {},
+                    "elementwise": {},
+                    "host_us": {},
+                    "collectives": {},
+                    **content,
+                }
+            )
+        )
+        path.write_text(raw)
+    with pytest.raises(ConfigError) as e:
+        load(["model=mlp", f"cluster.calibration={path}"])
+    assert says in str(e.value) and "\n" not in str(e.value)
+    cfg, degrees = _config(f"cluster.calibration={path}", world=2)
+    with pytest.raises(ConfigError):
+        validate(cfg, 2)  # before any process starts
+
+
+def test_calibrate_refuses_a_bad_cluster_before_measuring(tmp_path, capsys):
     from experiments.report.calibrate import main as calibrate_main
 
     assert calibrate_main(["cluster.overlap=3"]) == 2
     assert capsys.readouterr().err.strip() == "paralab: cluster.overlap=3.0 must be <= 1"
+    assert calibrate_main([f"cluster.calibration={tmp_path}"]) == 2  # a folder: its minute unspent
+    assert "is not a file" in capsys.readouterr().err
 
 
 def test_make_plan_is_one_command(tmp_path, capsys):

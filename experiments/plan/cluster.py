@@ -51,11 +51,43 @@ class Calibration:
     def load(cls, path: Path) -> Calibration:
         try:
             raw = json.loads(path.read_text())
-            return cls._of(raw, path)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            cal = cls._of(raw, path)
+            cal._check()
+            return cal
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             raise ConfigError(
                 f"{path} is not a calibration this paralab reads ({type(e).__name__}: {e}); run make calibrate again"
             ) from None
+
+    def _check(self) -> None:
+        """Every table non-empty, every point whole and its numbers finite: sizes and bandwidths
+        > 0, times >= 0 (the lookups take logs of sizes and divide by bandwidths)."""
+
+        def points(where: str, rows: list, width: int, sizes: int) -> None:
+            if not rows:
+                raise ValueError(f"{where} has no measurements")
+            for row in rows:
+                if len(row) != width or not all(isinstance(v, int | float) and math.isfinite(v) for v in row):
+                    raise ValueError(f"{where} holds {row!r}: expected {width} finite numbers")
+                if any(v <= 0 for v in row[:sizes]) or any(v < 0 for v in row[sizes:]):
+                    raise ValueError(f"{where} holds {row!r}: sizes must be > 0 and times >= 0")
+
+        for name, by_dtype in (("matmul", self.matmul), ("attention", self.attention)):
+            for dtype, by_threads in by_dtype.items():
+                if not by_threads:
+                    raise ValueError(f"{name}.{dtype} has no thread counts")
+                for threads, rows in by_threads.items():
+                    points(f"{name}.{dtype}.{int(threads)}", rows, 4 if name == "matmul" else 5, 3)
+        for threads, rows in self.elementwise.items():
+            points(f"elementwise.{int(threads)}", rows, 2, 1)
+        for coll, by_n in self.collectives.items():
+            for n, ab in by_n.items():
+                points(f"collectives.{coll}.{int(n)}", [ab], 2, 0)
+                if ab[1] <= 0:
+                    raise ValueError(f"collectives.{coll}.{n} holds {ab!r}: (α µs >= 0, GB/s > 0)")
+        costs = [*self.op_overhead_us.values(), *(v for h in self.host_us.values() for v in h.values())]
+        if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in costs):
+            raise ValueError("op_overhead_us and host_us must be finite numbers >= 0")
 
     @classmethod
     def _of(cls, raw: dict, path: Path) -> Calibration:
@@ -245,5 +277,10 @@ def machine(cfg: ClusterConfig, calibrated: bool = True) -> Machine:
             f"cluster.memory_gib={cfg.memory_gib:g} must be > 0 (GiB per device; CPU: per node)"
         )
     path = ROOT / cfg.calibration if cfg.calibration else None
+    if path is not None and path.exists() and not path.is_file():
+        raise ConfigError(
+            f"cluster.calibration={cfg.calibration} is not a file; give the JSON make calibrate writes "
+            "(a path that does not exist yet: uncalibrated until make calibrate writes it)"
+        )
     cal = Calibration.load(path) if calibrated and path is not None and path.is_file() else None
     return Machine(cfg, cal)

@@ -27,11 +27,10 @@ import torch
 import torch.distributed as dist
 
 from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
-from experiments.config.ranges import check_ranges
-from experiments.config.schema import ConfigError, typed_config
-from experiments.plan.cluster import ROOT, cores, machine
+from experiments.config.schema import ConfigError
+from experiments.plan.cluster import ROOT, cores
 from experiments.plan.profile import count_ops
-from experiments.report.parity import compose_config
+from experiments.report.plan import load
 
 # torch 2.14 renamed the flat-tensor collectives (the old names warn); the same ops underneath.
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
@@ -332,10 +331,10 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     overrides = [a for a in argv if a != "--quick"]
     try:
-        cfg = typed_config(compose_config(overrides))
-        check_ranges(cfg)  # every number of the cluster, before a minute of measuring
+        # Every key and number of the cluster, before a minute of measuring; what is on file is
+        # about to be replaced, so it is not read.
+        cfg, m = load(overrides, calibrated=False)
         cluster = cfg.cluster
-        m = machine(cluster, calibrated=False)  # what is on file is about to be replaced
     except ConfigError as e:
         print(f"paralab: {e}", file=sys.stderr)
         return 2
@@ -356,6 +355,18 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    path = ROOT / cluster.calibration
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
+    except OSError:
+        writable = False
+    if not writable:
+        print(
+            f"paralab: cluster.calibration={cluster.calibration} cannot be written here; give a path you can write",
+            file=sys.stderr,
+        )
+        return 2
     device = torch.device("cuda" if cuda else "cpu")
     t0 = time.perf_counter()
     raw = measure_device(device, quick)
@@ -366,9 +377,10 @@ def main(argv: list[str]) -> int:
         "device": torch.cuda.get_device_name() if cuda else f"{cores()} CPU cores",
         "quick": quick,
     }
-    path = ROOT / cluster.calibration
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(raw, indent=1))
+    # Whole or not at all: a run stopped while writing leaves the calibration on file as it was.
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(raw, indent=1))
+    os.replace(part, path)
     summary = ", ".join(
         f"{t} thread{'s' * (t != '1')}: matmul {max(2 * m * k * n / s for m, k, n, s in pts) / 1e9:.1f} GFLOP/s best, "
         f"op {raw['op_overhead_us'][t]:.1f} µs, add {max(b / s for b, s in raw['elementwise'][t]) / 1e9:.1f} GB/s written best"

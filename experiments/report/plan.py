@@ -43,12 +43,35 @@ def _split(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return own, rest
 
 
-def load(overrides: list[str]) -> tuple[Config, Machine]:
+def load(overrides: list[str], calibrated: bool = True) -> tuple[Config, Machine]:
+    """The config, every key known and every number in range, and its cluster."""
     from experiments.config.ranges import check_ranges
+    from experiments.run.keys import check_known
 
-    cfg = typed_config(compose_config(overrides))
+    raw = compose_config(overrides)
+    check_known(raw)
+    cfg = typed_config(raw)
     check_ranges(cfg)
-    return cfg, machine(cfg.cluster)
+    return cfg, machine(cfg.cluster, calibrated)
+
+
+def _top(own: dict[str, str]) -> int:
+    value = own.get("top", "20")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"top={value} must be a whole number >= 1 (rows in plan.md's tables)")
+    return int(value)
+
+
+def _out(own: dict[str, str], cfg: Config) -> Path:
+    """A new folder, or one that holds no plan yet: a plan written before is never overwritten."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = Path(own.get("out") or f"outputs/plans/{stamp}_{cfg.model.label}_{cfg.cluster.name}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a folder for plan.md, plan.csv and plan.png")
+    held = [n for n in ("plan.md", "plan.csv", "plan.png") if (out / n).exists()]
+    if held:
+        raise ConfigError(f"out={out} already holds {', '.join(held)}; give another out= or move them")
+    return out
 
 
 def _model(cfg: Config):
@@ -83,7 +106,12 @@ def nowhere(cfg: Config, m: Machine, predictions: list[Prediction], profile: Mod
     closest = min(predictions, key=lambda p: p.over_bytes) if predictions else None
     line = f"model={cfg.model.label} ({profile.psi:,} parameters) fits no configuration on {m.describe()}"
     if closest is None:
-        return line + "; no configuration of paralab's runs this model on this cluster"
+        g = cfg.train.global_batch_size
+        return line + (
+            f": none of paralab's uses all {m.devices} devices with train.global_batch_size={g} (data "
+            "parallelism splits the batch; tp, pp, cp and ep are bounded by the model's heads, blocks, "
+            "sequence and experts); lower cluster.nodes or raise train.global_batch_size"
+        )
     line += (
         f"; the closest, {closest.label}, needs {closest.total / GiB:.1f} GiB per rank "
         f"({closest.over_bytes / GiB:.1f} GiB over)"
@@ -178,7 +206,12 @@ def plot(predictions: list[Prediction], m: Machine, path: Path, top: int = 15) -
 def write_plan(
     cfg: Config, m: Machine, predictions: list[Prediction], profile: ModelProfile, out: Path, top: int
 ) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"out={out} cannot be created ({e.strerror}); give a folder you can write"
+        ) from None
     records = [p.as_record() for p in predictions]
     fields = sorted({k for r in records for k in r}, key=lambda k: (k not in records[0], k))
     with (out / "plan.csv").open("w", newline="") as f:
@@ -272,13 +305,27 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
             f"check={sweep} is not a sweep: no job dir with {METRICS_FILE} under it; give a finished "
             "sweep's dir (outputs/sweeps/<name>) or a job dir"
         )
-    # The cluster to predict for is the plan command's (this machine, calibrated, by default).
-    cluster = typed_config(compose_config(cluster_overrides)).cluster
+    # The cluster to predict for is the plan command's (this machine, calibrated, by default);
+    # each job's own config is frozen in its dir, so no other key may be overridden.
+    other = [o for o in cluster_overrides if not o.lstrip("+~").startswith("cluster")]
+    if other:
+        raise ConfigError(
+            f"{other[0]}: with check= each job is predicted from its own frozen config; only cluster= "
+            "and cluster.* may be given"
+        )
+    cluster = load(cluster_overrides)[0].cluster
     out = []
     for job in jobs:
-        r = RunRecord.read(job)
-        cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
-        p = predict_job(cfg, Degrees(**r.degrees), dataset_spec(cfg.dataset))
+        try:
+            r = RunRecord.read(job)
+            cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
+            degrees = Degrees(**r.degrees)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(
+                f"check={sweep}: job {job.name} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
+                "rerun it or move it out of the sweep"
+            ) from None
+        p = predict_job(cfg, degrees, dataset_spec(cfg.dataset))
         out.append(
             Checked(
                 str(job.relative_to(sweep)) if job != sweep else job.name,
@@ -293,9 +340,14 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     return out
 
 
+def _measured(x: float | None) -> bool:
+    """A measurement an error can be taken against (a job cut short logs none, or 0)."""
+    return x is not None and math.isfinite(x) and x > 0
+
+
 def check_summary(rows: list[Checked]) -> dict[str, float]:
-    timed = [c for c in rows if c.meaningful and c.predicted_step_s and c.step_s == c.step_s]
-    mem = [c for c in rows if c.memory]
+    timed = [c for c in rows if c.meaningful and c.predicted_step_s and _measured(c.step_s)]
+    mem = [c for c in rows if _measured(c.memory)]
     ape = [abs(c.predicted_step_s - c.step_s) / c.step_s for c in timed]
     mem_err = [abs(c.predicted_memory - c.memory) / c.memory for c in mem]
     return {
@@ -317,10 +369,14 @@ def write_check(sweep: Path, rows: list[Checked]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in rows:
-        err = f"{100 * (c.predicted_step_s - c.step_s) / c.step_s:+.1f}%" if c.predicted_step_s else ""
+        err = (
+            f"{100 * (c.predicted_step_s - c.step_s) / c.step_s:+.1f}%"
+            if c.predicted_step_s and _measured(c.step_s)
+            else ""
+        )
         if not c.meaningful:
             err += " (oversub., left out)"
-        merr = f"{100 * (c.predicted_memory - c.memory) / c.memory:+.1f}%" if c.memory else ""
+        merr = f"{100 * (c.predicted_memory - c.memory) / c.memory:+.1f}%" if _measured(c.memory) else ""
         lines.append(
             f"| {c.job} | {c.config} | {c.step_s:.4g} | {_cell(c.predicted_step_s, '.4g')} | {err} | "
             f"{_cell(c.memory / MiB if c.memory else None, '.2f')} | {c.predicted_memory / MiB:.2f} | {merr} |"
@@ -344,13 +400,12 @@ def main(argv: list[str]) -> int:
             print(f"\nwrote {Path(own['check']) / 'plan_check.md'}")
             return 0
         cfg, m = load(overrides)
+        out, top = _out(own, cfg), _top(own)
         t0 = time.perf_counter()
         predictions, profile = plan(cfg, m)
         if not any(p.fits for p in predictions):
             raise ConfigError(nowhere(cfg, m, predictions, profile))
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        out = Path(own.get("out") or f"outputs/plans/{stamp}_{cfg.model.label}_{cfg.cluster.name}")
-        text = write_plan(cfg, m, predictions, profile, out, int(own.get("top", 20)))
+        text = write_plan(cfg, m, predictions, profile, out, top)
     except ConfigError as e:
         print(f"paralab: {e}", file=sys.stderr)
         return 2

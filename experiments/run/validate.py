@@ -142,6 +142,10 @@ def validate(cfg: Config, world_size: int | None = None, explicit: Iterable[str]
     check_levers(cfg, model, spec.no_compile, spec.pipelined)
     _check_offload(cfg)
     _check_profile(cfg)
+    if t.predict:
+        from experiments.plan.cluster import machine
+
+        machine(cfg.cluster)  # the cluster and its calibration file, read at the end of the run
     return degrees
 
 
