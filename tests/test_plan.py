@@ -218,11 +218,32 @@ def test_check_refuses_a_broken_job_and_a_key_of_the_jobs_own(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and says in err, err
 
 
+# The smallest calibration make plan reads: one point of each table every plan prices with.
+CALIBRATION = {
+    "matmul": {"fp32": {"1": [[16, 16, 16, 1e-6]]}},
+    "attention": {},
+    "op_overhead_us": {"1": 10.0},
+    "elementwise": {"1": [[4096, 1e-7]]},
+    "host_us": {"1": {"adamw": 20.0}},
+    "collectives": {},
+}
+
+
+def test_the_smallest_calibration_is_read(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(CALIBRATION))
+    assert load(["model=mlp", f"cluster.calibration={path}"])[1].calibrated
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [
         ('{"cut off', "JSONDecodeError"),
-        ({"matmul": {"fp32": {}}}, "matmul.fp32 has no thread counts"),
+        ('{"matmul": ' + "[" * 100_000, "RecursionError"),
+        ({"matmul": {}}, "matmul is empty"),
+        ({"matmul": {"fp32": {"1": [[True, 16, 16, 1e-6]]}}}, "expected 4 finite numbers"),
+        ({"op_overhead_us": {"abc": 5.0}}, "op_overhead_us has key 'abc': expected a thread count"),
+        ({"matmul": {"fp32": {}}}, "matmul.fp32 is empty"),
         ({"matmul": {"fp32": {"1": [[16, 16, 16]]}}}, "expected 4 finite numbers"),
         ({"matmul": {"fp32": {"1": [[0, 16, 16, 1e-6]]}}}, "sizes must be > 0"),
         ({"elementwise": {"1": [[4096, float("nan")]]}}, "expected 2 finite numbers"),
@@ -240,21 +261,7 @@ def test_a_calibration_file_is_checked_before_it_prices_anything(tmp_path, conte
     if content is None:
         path.mkdir()
     else:
-        raw = (
-            content
-            if isinstance(content, str)
-            else json.dumps(
-                {
-                    "matmul": {},
-                    "attention": {},
-                    "op_overhead_us": {},
-                    "elementwise": {},
-                    "host_us": {},
-                    "collectives": {},
-                    **content,
-                }
-            )
-        )
+        raw = content if isinstance(content, str) else json.dumps({**CALIBRATION, **content})
         path.write_text(raw)
     with pytest.raises(ConfigError) as e:
         load(["model=mlp", f"cluster.calibration={path}"])

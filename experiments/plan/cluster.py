@@ -54,39 +54,60 @@ class Calibration:
             cal = cls._of(raw, path)
             cal._check()
             return cal
-        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        # What a file can hold that is not a calibration: bad JSON or UTF-8, the wrong shapes or
+        # types, numbers too large for a float, nesting too deep to parse.
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, OverflowError, RecursionError) as e:
             raise ConfigError(
-                f"{path} is not a calibration this paralab reads ({type(e).__name__}: {e}); run make calibrate again"
+                f"{path} is not a calibration this paralab reads ({type(e).__name__}: {str(e)[:160]}); "
+                "run make calibrate again"
             ) from None
 
     def _check(self) -> None:
-        """Every table non-empty, every point whole and its numbers finite: sizes and bandwidths
-        > 0, times >= 0 (the lookups take logs of sizes and divide by bandwidths)."""
+        """What make calibrate writes: the tables every plan prices with non-empty, keyed by
+        thread counts (0 on a GPU), every point whole and its numbers finite: sizes and
+        bandwidths > 0, times >= 0 (the lookups take logs of sizes and divide by bandwidths)."""
+
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        def threads(where: str, table: dict) -> None:
+            if not table:
+                raise ValueError(f"{where} is empty")
+            for k in table:
+                if not str(k).isascii() or not str(k).isdigit():
+                    raise ValueError(f"{where} has key {k!r}: expected a thread count")
 
         def points(where: str, rows: list, width: int, sizes: int) -> None:
             if not rows:
                 raise ValueError(f"{where} has no measurements")
             for row in rows:
-                if len(row) != width or not all(isinstance(v, int | float) and math.isfinite(v) for v in row):
+                if len(row) != width or not all(number(v) for v in row):
                     raise ValueError(f"{where} holds {row!r}: expected {width} finite numbers")
                 if any(v <= 0 for v in row[:sizes]) or any(v < 0 for v in row[sizes:]):
                     raise ValueError(f"{where} holds {row!r}: sizes must be > 0 and times >= 0")
 
+        if not self.matmul:
+            raise ValueError("matmul is empty")
         for name, by_dtype in (("matmul", self.matmul), ("attention", self.attention)):
             for dtype, by_threads in by_dtype.items():
-                if not by_threads:
-                    raise ValueError(f"{name}.{dtype} has no thread counts")
-                for threads, rows in by_threads.items():
-                    points(f"{name}.{dtype}.{int(threads)}", rows, 4 if name == "matmul" else 5, 3)
-        for threads, rows in self.elementwise.items():
-            points(f"elementwise.{int(threads)}", rows, 2, 1)
+                threads(f"{name}.{dtype}", by_threads)
+                for n, rows in by_threads.items():
+                    points(f"{name}.{dtype}.{n}", rows, 4 if name == "matmul" else 5, 3)
+        for name, table in (
+            ("elementwise", self.elementwise),
+            ("op_overhead_us", self.op_overhead_us),
+            ("host_us", self.host_us),
+        ):
+            threads(name, table)
+        for n, rows in self.elementwise.items():
+            points(f"elementwise.{n}", rows, 2, 1)
         for coll, by_n in self.collectives.items():
             for n, ab in by_n.items():
                 points(f"collectives.{coll}.{int(n)}", [ab], 2, 0)
                 if ab[1] <= 0:
                     raise ValueError(f"collectives.{coll}.{n} holds {ab!r}: (α µs >= 0, GB/s > 0)")
         costs = [*self.op_overhead_us.values(), *(v for h in self.host_us.values() for v in h.values())]
-        if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in costs):
+        if not all(number(v) and v >= 0 for v in costs):
             raise ValueError("op_overhead_us and host_us must be finite numbers >= 0")
 
     @classmethod

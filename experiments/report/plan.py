@@ -57,7 +57,7 @@ def load(overrides: list[str], calibrated: bool = True) -> tuple[Config, Machine
 
 def _top(own: dict[str, str]) -> int:
     value = own.get("top", "20")
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ConfigError(f"top={value} must be a whole number >= 1 (rows in plan.md's tables)")
     return int(value)
 
@@ -206,12 +206,7 @@ def plot(predictions: list[Prediction], m: Machine, path: Path, top: int = 15) -
 def write_plan(
     cfg: Config, m: Machine, predictions: list[Prediction], profile: ModelProfile, out: Path, top: int
 ) -> str:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"out={out} cannot be created ({e.strerror}); give a folder you can write"
-        ) from None
+    out.mkdir(parents=True, exist_ok=True)
     records = [p.as_record() for p in predictions]
     fields = sorted({k for r in records for k in r}, key=lambda k: (k not in records[0], k))
     with (out / "plan.csv").open("w", newline="") as f:
@@ -292,9 +287,8 @@ class Checked:
 
 def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     from data import dataset_spec
-    from experiments.measure.record import METRICS_FILE, RunRecord
+    from experiments.measure.record import METRICS_FILE
     from experiments.plan import predict_job
-    from parallel.mesh import Degrees
 
     # A sweep's job dirs are its children (or it is one job dir itself): no deeper search, so a
     # wrong path fails at once rather than crawling a disk.
@@ -316,15 +310,7 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     cluster = load(cluster_overrides)[0].cluster
     out = []
     for job in jobs:
-        try:
-            r = RunRecord.read(job)
-            cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
-            degrees = Degrees(**r.degrees)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            raise ConfigError(
-                f"check={sweep}: job {job.name} cannot be read ({type(e).__name__}: {str(e)[:120]}); "
-                "rerun it or move it out of the sweep"
-            ) from None
+        r, cfg, degrees, memory = _read_job(sweep, job, cluster)
         p = predict_job(cfg, degrees, dataset_spec(cfg.dataset))
         out.append(
             Checked(
@@ -333,16 +319,53 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
                 r.timing_meaningful,
                 r.step_time_s,
                 p.get("step_time_s"),
-                r.tracked_memory_bytes(),
+                memory,
                 p["tracked_memory_bytes"],
             )
         )
     return out
 
 
-def _measured(x: float | None) -> bool:
+def _read_job(sweep: Path, job: Path, cluster):
+    """A job's record, its frozen config on the plan's cluster, its degrees and its measured memory;
+    one line naming the job where its files are not what a run writes."""
+    from experiments.measure.record import RunRecord
+    from parallel.mesh import Degrees
+
+    try:
+        r = RunRecord.read(job)
+        cfg = dataclasses.replace(load_frozen(job), cluster=cluster)
+        if not all(type(v) is int and v >= 1 for v in r.degrees.values()):
+            raise ValueError(f"degrees {r.degrees} are not whole numbers >= 1")
+        degrees = Degrees(**r.degrees)
+        if degrees.world_size != r.world_size:
+            raise ValueError(f"degrees {r.degrees} do not make world_size={r.world_size!r}")
+        # A job that timed no step logs NaN: listed, left out of the error.
+        step = r.step_time_s
+        if not (step is None or isinstance(step, float | int) and not isinstance(step, bool)):
+            raise ValueError(f"step_time_s={step!r}")
+        if type(r.timing_meaningful) is not bool:
+            raise ValueError(f"timing_meaningful={r.timing_meaningful!r}")
+        memory = r.tracked_memory_bytes()
+        if not (memory is None or _number(memory)):
+            raise ValueError(f"measured memory {memory!r}")
+    except ConfigError:
+        raise
+    except Exception as e:  # anything a file edited or cut short can hold: say which job, once
+        raise ConfigError(
+            f"check={sweep}: job {job.name} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+            "rerun it or move it out of the sweep"
+        ) from None
+    return r, cfg, degrees, memory
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _measured(x: object) -> bool:
     """A measurement an error can be taken against (a job cut short logs none, or 0)."""
-    return x is not None and math.isfinite(x) and x > 0
+    return _number(x) and x > 0  # type: ignore[operator]
 
 
 def check_summary(rows: list[Checked]) -> dict[str, float]:
@@ -378,7 +401,7 @@ def write_check(sweep: Path, rows: list[Checked]) -> str:
             err += " (oversub., left out)"
         merr = f"{100 * (c.predicted_memory - c.memory) / c.memory:+.1f}%" if _measured(c.memory) else ""
         lines.append(
-            f"| {c.job} | {c.config} | {c.step_s:.4g} | {_cell(c.predicted_step_s, '.4g')} | {err} | "
+            f"| {c.job} | {c.config} | {_cell(c.step_s, '.4g')} | {_cell(c.predicted_step_s, '.4g')} | {err} | "
             f"{_cell(c.memory / MiB if c.memory else None, '.2f')} | {c.predicted_memory / MiB:.2f} | {merr} |"
         )
     summary = (
@@ -386,9 +409,12 @@ def write_check(sweep: Path, rows: list[Checked]) -> str:
         f"Spearman {s['step_spearman']:.3f}; memory (model state + activations) MAPE {s['memory_mape']:.1%}, "
         f"worst {s['memory_max_error']:.1%}"
     )
-    (sweep / "plan_check.md").write_text(
-        "# Predicted against measured\n\n" + "\n".join(lines) + f"\n\n{summary}\n"
-    )
+    try:
+        (sweep / "plan_check.md").write_text(
+            "# Predicted against measured\n\n" + "\n".join(lines) + f"\n\n{summary}\n"
+        )
+    except OSError as e:
+        raise ConfigError(f"check={sweep}: plan_check.md cannot be written ({e.strerror})") from None
     return "\n".join([*lines, "", summary])
 
 
@@ -405,7 +431,12 @@ def main(argv: list[str]) -> int:
         predictions, profile = plan(cfg, m)
         if not any(p.fits for p in predictions):
             raise ConfigError(nowhere(cfg, m, predictions, profile))
-        text = write_plan(cfg, m, predictions, profile, out, top)
+        try:
+            text = write_plan(cfg, m, predictions, profile, out, top)
+        except OSError as e:
+            raise ConfigError(
+                f"out={out} cannot be written ({e.strerror}); give a folder you can write"
+            ) from None
     except ConfigError as e:
         print(f"paralab: {e}", file=sys.stderr)
         return 2
