@@ -142,6 +142,11 @@ def leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def finite_number(value: object) -> bool:
+    """A real number a file may hold where a measurement belongs: not a bool, NaN or infinity."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def has_control_char(text: str) -> bool:
     return any(ord(c) < 32 or ord(c) == 127 for c in text)
 

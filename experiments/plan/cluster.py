@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from experiments.config.ranges import finite_number
 from experiments.config.schema import ClusterConfig, ClusterDevice, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,9 +68,6 @@ class Calibration:
         thread counts (0 on a GPU), every point whole and its numbers finite: sizes and
         bandwidths > 0, times >= 0 (the lookups take logs of sizes and divide by bandwidths)."""
 
-        def number(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
         def threads(where: str, table: dict) -> None:
             if not table:
                 raise ValueError(f"{where} is empty")
@@ -81,7 +79,7 @@ class Calibration:
             if not rows:
                 raise ValueError(f"{where} has no measurements")
             for row in rows:
-                if len(row) != width or not all(number(v) for v in row):
+                if len(row) != width or not all(finite_number(v) for v in row):
                     raise ValueError(f"{where} holds {row!r}: expected {width} finite numbers")
                 if any(v <= 0 for v in row[:sizes]) or any(v < 0 for v in row[sizes:]):
                     raise ValueError(f"{where} holds {row!r}: sizes must be > 0 and times >= 0")
@@ -107,7 +105,7 @@ class Calibration:
                 if ab[1] <= 0:
                     raise ValueError(f"collectives.{coll}.{n} holds {ab!r}: (α µs >= 0, GB/s > 0)")
         costs = [*self.op_overhead_us.values(), *(v for h in self.host_us.values() for v in h.values())]
-        if not all(number(v) and v >= 0 for v in costs):
+        if not all(finite_number(v) and v >= 0 for v in costs):
             raise ValueError("op_overhead_us and host_us must be finite numbers >= 0")
 
     @classmethod

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from experiments.config.compose_errors import COMPOSE_ERRORS, compose_error_line
-from experiments.config.schema import Config, ConfigError, load_frozen, typed_config
+from experiments.config.ranges import finite_number
+from experiments.config.schema import ClusterConfig, Config, ConfigError, load_frozen, typed_config
 from experiments.plan.cluster import GiB, Machine, machine
 from experiments.plan.predict import Prediction, predict_config
 from experiments.plan.profile import ModelProfile, profile_model
@@ -326,7 +327,7 @@ def check_sweep(sweep: Path, cluster_overrides: list[str]) -> list[Checked]:
     return out
 
 
-def _read_job(sweep: Path, job: Path, cluster):
+def _read_job(sweep: Path, job: Path, cluster: ClusterConfig):
     """A job's record, its frozen config on the plan's cluster, its degrees and its measured memory;
     one line naming the job where its files are not what a run writes."""
     from experiments.measure.record import RunRecord
@@ -347,7 +348,7 @@ def _read_job(sweep: Path, job: Path, cluster):
         if type(r.timing_meaningful) is not bool:
             raise ValueError(f"timing_meaningful={r.timing_meaningful!r}")
         memory = r.tracked_memory_bytes()
-        if not (memory is None or _number(memory)):
+        if not (memory is None or finite_number(memory)):
             raise ValueError(f"measured memory {memory!r}")
     except ConfigError:
         raise
@@ -359,13 +360,9 @@ def _read_job(sweep: Path, job: Path, cluster):
     return r, cfg, degrees, memory
 
 
-def _number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _measured(x: object) -> bool:
     """A measurement an error can be taken against (a job cut short logs none, or 0)."""
-    return _number(x) and x > 0  # type: ignore[operator]
+    return finite_number(x) and x > 0  # type: ignore[operator]
 
 
 def check_summary(rows: list[Checked]) -> dict[str, float]:
