@@ -233,6 +233,12 @@ def test_the_smallest_calibration_is_read(tmp_path):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(CALIBRATION))
     assert load(["model=mlp", f"cluster.calibration={path}"])[1].calibrated
+    # As make calibrate writes a GPU's: thread count 0, no host costs (its kernels hide the host).
+    gpu = {**CALIBRATION, "host_us": {}}
+    gpu |= {k: {"0": v["1"]} for k, v in CALIBRATION.items() if k in ("op_overhead_us", "elementwise")}
+    gpu["matmul"] = {"bf16": {"0": CALIBRATION["matmul"]["fp32"]["1"]}}
+    path.write_text(json.dumps(gpu))
+    assert load(["model=mlp", "cluster=h100_8", f"cluster.calibration={path}"])[1].calibrated
 
 
 @pytest.mark.parametrize(
@@ -249,6 +255,7 @@ def test_the_smallest_calibration_is_read(tmp_path):
         ({"elementwise": {"1": [[4096, float("nan")]]}}, "expected 2 finite numbers"),
         ({"collectives": {"all_reduce": {"2": [100.0, 0.0]}}}, "GB/s > 0"),
         ({"host_us": {"1": {"adamw": -1.0}}}, "host_us must be finite numbers >= 0"),
+        ({"host_us": {"x": {}}}, "host_us has key 'x': expected a thread count"),
         (None, "is not a file"),  # a directory
     ],
 )
