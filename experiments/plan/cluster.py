@@ -128,6 +128,14 @@ def _nearest(table: dict[str, object], threads: int) -> str:
     return min(table, key=lambda k: (abs(int(k) - threads), -int(k)))
 
 
+def _nearest_shape(table: list[tuple[float, ...]], dims: tuple[float, ...]) -> tuple[float, ...]:
+    """The measured point whose leading dims lie nearest `dims` in log space."""
+    logs = [math.log(x) for x in dims]
+    return min(
+        table, key=lambda p: sum((math.log(a) - b) ** 2 for a, b in zip(p[: len(logs)], logs, strict=True))
+    )
+
+
 def _interp_loglog(points: list[tuple[float, float]], x: float) -> float:
     """Seconds at size x, between the two measured sizes around it (log-log); beyond the largest,
     at its rate; below the smallest, at its time scaled by size."""
@@ -188,11 +196,7 @@ class Machine:
         cal = self.calibration
         if cal is not None and dtype in cal.matmul:
             table = cal.matmul[dtype][_nearest(cal.matmul[dtype], threads)]
-            logs = (math.log(m), math.log(k), math.log(n))
-            near = min(
-                table,
-                key=lambda p: sum((math.log(a) - b) ** 2 for a, b in zip(p[:3], logs, strict=True)),
-            )
+            near = _nearest_shape(table, (m, k, n))
             return near[3] * flops / (2 * near[0] * near[1] * near[2])
         # Efficiency grows with size: half of matmul_efficiency at half_efficiency_gflop.
         peak = self.peak_flops(dtype) or self.peak_flops("fp32")
@@ -212,8 +216,7 @@ class Machine:
         if cal is None or dtype not in cal.attention:
             return None
         table = cal.attention[dtype][_nearest(cal.attention[dtype], threads)]
-        logs = (math.log(bh), math.log(s), math.log(d))
-        near = min(table, key=lambda p: sum((math.log(a) - b) ** 2 for a, b in zip(p[:3], logs, strict=True)))
+        near = _nearest_shape(table, (bh, s, d))
         work = bh * s * s * d / (near[0] * near[1] * near[1] * near[2])
         return (near[4] if backward else near[3]) * work
 
