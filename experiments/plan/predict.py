@@ -70,6 +70,11 @@ def payload_of(spec: StrategySpec, x: Setting) -> Payload | None:
     return out
 
 
+def model_state_bytes(memory: dict[str, float]) -> float:
+    """Of a rank's bytes by category, its model state: all but activations and buffers."""
+    return sum(v for k, v in memory.items() if k not in ("activations", "buffers"))
+
+
 def model_state(spec: StrategySpec, x: Setting) -> dict[str, float]:
     # The hybrids (fsdp_tp, fsdp_tp_pp) name no stage of their own: FSDP2 over their TP shards.
     stage = spec.zero_stage(x.cfg.strategy) or (
@@ -120,7 +125,7 @@ class Prediction:
 
     @property
     def model_state(self) -> float:
-        return sum(v for k, v in self.memory.items() if k not in ("activations", "buffers"))
+        return model_state_bytes(self.memory)
 
     @property
     def total(self) -> float:

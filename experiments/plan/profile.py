@@ -80,10 +80,6 @@ class Part:
     def flops(self) -> float:
         return sum(self.matmul_flops) + self.attention_flops + self.other_flops
 
-    @property
-    def bytes_written(self) -> float:
-        return sum(b for b, _ in self.writes)
-
 
 @dataclass
 class ModelProfile:
@@ -94,16 +90,11 @@ class ModelProfile:
     params: dict[str, list[tuple[str, tuple[int, ...]]]]  # part -> (name within the part, shape)
     block_names: list[str]
     samples: int = REFERENCE_SAMPLES
-    has_conv: bool = False
     # Block parameters tensor parallelism splits (name within a block -> the dim it splits), from
     # the model's TP plan (those a block has: a plan names a bias a bias-free linear lacks); those
     # of a mixture's experts, which expert parallelism splits instead.
     tp_split: dict[str, int] = field(default_factory=dict)
     expert_params: frozenset[str] = frozenset()
-
-    @property
-    def parts(self) -> list[str]:
-        return ["stem", *self.block_names, "head"]
 
     def flops_per_sample(self) -> float:
         return sum(p.flops for d in (self.forward, self.backward) for p in d.values()) / self.samples
@@ -289,7 +280,6 @@ def layout(model: nn.Module) -> ModelProfile:
         backward={},
         params=params,
         block_names=names,
-        has_conv=any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()),
         tp_split={k: d for k, d in _tp_split(model).items() if names and k in dict(params[names[0]])},
         expert_params=frozenset(
             f"{m}.{p}"

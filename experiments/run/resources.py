@@ -87,7 +87,9 @@ def rank_bytes(cfg: Config, degrees: Degrees) -> dict[str, float]:
 
 def model_state_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
     """Parameters, gradients and optimizer state on the fullest rank."""
-    return sum(v for k, v in rank_bytes(cfg, degrees).items() if k not in ("activations", "buffers"))
+    from experiments.plan.predict import model_state_bytes
+
+    return model_state_bytes(rank_bytes(cfg, degrees))
 
 
 def activation_bytes_per_rank(cfg: Config, degrees: Degrees) -> float:
@@ -108,15 +110,16 @@ def meta_model(cfg: Config) -> nn.Module:
 
 
 def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None:
+    from experiments.plan.predict import model_state_bytes
+
     held = rank_bytes(cfg, degrees)
-    acts, base = held["activations"], held["buffers"]
-    state = sum(held.values()) - acts - base
+    acts, base, state = held["activations"], held["buffers"], model_state_bytes(held)
     have = (
         min(torch.cuda.get_device_properties(i).total_memory for i in range(local))
         if cuda
         else _available_ram()
     )
-    need = _need(cfg, degrees, local, cuda)
+    need = _need_of(sum(held.values()), local, cuda)
     if need <= have:
         return
     model = (
@@ -141,7 +144,11 @@ def _check_memory(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> None
 
 
 def _need(cfg: Config, degrees: Degrees, local: int, cuda: bool) -> float:
-    per_rank = sum(rank_bytes(cfg, degrees).values())
+    return _need_of(sum(rank_bytes(cfg, degrees).values()), local, cuda)
+
+
+def _need_of(per_rank: float, local: int, cuda: bool) -> float:
+    """Each GPU holds one rank; a CPU node's RAM holds all its local ranks."""
     return per_rank if cuda else local * per_rank
 
 
