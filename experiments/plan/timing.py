@@ -138,16 +138,23 @@ def _checkpointed(cfg: Config, block_id: int) -> bool:
     return t.ac != AC.none and (block_id + 1) % t.ac_every == 0
 
 
-def _rank_compute(
-    x: Setting, profile: ModelProfile, spec: StrategySpec, price: Pricing
-) -> tuple[float, float, float]:
-    """(forward + backward + recompute of one micro-batch, its recompute, the micro-batches per step)."""
-    cfg, d, sizes = x.cfg, x.degrees, x.sizes
-    t, s = cfg.train, cfg.strategy
+def _micro_batch(x: Setting, profile: ModelProfile, spec: StrategySpec) -> tuple[float, int, int]:
+    """(one micro-batch on this rank as a multiple of the profiled tokens, a cp rank's share
+    included; the micro-batches per step; the tp degree its blocks' matmuls split)."""
+    t, s = x.cfg.train, x.cfg.strategy
     pipelined_micro = s.microbatches if spec.pipelined and not spec.one_batch else 1
     micro_samples = x.local_batch / t.grad_accum_steps / pipelined_micro
-    scale = micro_samples / profile.samples / d.cp
-    tp = d.tp if spec.needs_tp_plan else 1
+    tp = x.degrees.tp if spec.needs_tp_plan else 1
+    return micro_samples / profile.samples / x.degrees.cp, t.grad_accum_steps * pipelined_micro, tp
+
+
+def _rank_compute(
+    x: Setting, profile: ModelProfile, spec: StrategySpec, price: Pricing
+) -> tuple[float, float, int]:
+    """(forward + backward + recompute of one micro-batch, its recompute, the micro-batches per step)."""
+    cfg, d, sizes = x.cfg, x.degrees, x.sizes
+    t = cfg.train
+    scale, micro_steps, tp = _micro_batch(x, profile, spec)
     total = recompute = 0.0
     parts = [*(["stem"] if sizes.stem_here else [])]
     parts += [profile.block_names[i] for i in sizes.block_positions]
@@ -162,7 +169,7 @@ def _rank_compute(
             mms = price.part_s(profile.forward.get(name), scale, ways, d.cp, matmuls_only=True)
             again = fwd if t.ac == AC.full else fwd - mms
             recompute += again
-    return total + recompute, recompute, t.grad_accum_steps * pipelined_micro
+    return total + recompute, recompute, micro_steps
 
 
 def _optimizer_s(
@@ -337,8 +344,7 @@ def _attention_s(x: Setting, profile: ModelProfile, spec: StrategySpec, price: P
     d = x.degrees
     if d.cp == 1:
         return 0.0
-    scale = x.local_batch / x.cfg.train.grad_accum_steps / profile.samples / d.cp
-    tp = d.tp if spec.needs_tp_plan else 1
+    scale, _, tp = _micro_batch(x, profile, spec)
     blocks = [profile.block_names[i] for i in x.sizes.block_positions]
     return sum(
         price.attention_s(part, scale, tp, d.cp)
